@@ -1,0 +1,326 @@
+"""Typed trace events and the append-only TraceStore (SQLite by default).
+
+Every model call is one `ModelCall` event holding the exact token ids and per-token logprobs the engine
+sampled. Rewards and failures are separate events that point at an episode (and optionally a call).
+Events are written in batches, one transaction per batch, so a crash never leaves half a batch behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+EpisodeStatus = Literal["running", "done", "degraded", "failed"]
+
+
+def new_id() -> str:
+    """A short random id for episodes, calls and groups."""
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class Episode:
+    """One run of a team on one task row."""
+
+    episode_id: str
+    task: str
+    task_id: str
+    team: str
+    topology: str
+    status: EpisodeStatus = "running"
+    final_answer: str | None = None
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelCall:
+    """One sampled completion, token-exact. A call with `n` samples is `n` events sharing a group id."""
+
+    call_id: str
+    episode_id: str
+    node: str
+    role: str
+    agent: str
+    round: int
+    group_id: str
+    sample_index: int
+    messages: list[dict[str, Any]]
+    text: str
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    model: str
+    """The routed deployment, e.g. `local/smollm2-135m` or `hosted_vllm/leader`."""
+    base_model: str
+    """Identity of the base weights and tokenizer; trainers refuse calls from another base model."""
+    version: str
+    """Adapter name serving this call (`base` when none): the model version trainers see."""
+    sampling: dict[str, Any] = field(default_factory=dict)
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    parent_call_id: str | None = None
+    """The call whose output this call's prompt builds on (MALT trees, refinement chains)."""
+    created_at: float = field(default_factory=time.time)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reward:
+    """A scalar reward for an episode (call_id None) or for one call's output."""
+
+    episode_id: str
+    name: str
+    value: float
+    call_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Failure:
+    """A recorded failure inside an episode (a peer that timed out, an answer that did not parse)."""
+
+    episode_id: str
+    node: str
+    role: str
+    agent: str
+    round: int
+    error_type: str
+    message: str
+    created_at: float = field(default_factory=time.time)
+
+
+Event = Episode | ModelCall | Reward | Failure
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS episodes (
+  episode_id TEXT PRIMARY KEY, task TEXT, task_id TEXT, team TEXT, topology TEXT, status TEXT,
+  final_answer TEXT, started_at REAL, finished_at REAL, meta TEXT);
+CREATE TABLE IF NOT EXISTS calls (
+  call_id TEXT PRIMARY KEY, episode_id TEXT, node TEXT, role TEXT, agent TEXT, round INTEGER,
+  group_id TEXT, sample_index INTEGER, messages TEXT, text TEXT, prompt_token_ids BLOB,
+  completion_token_ids BLOB, logprobs BLOB, finish_reason TEXT, model TEXT, base_model TEXT,
+  version TEXT, sampling TEXT, latency_s REAL, prompt_tokens INTEGER, completion_tokens INTEGER,
+  parent_call_id TEXT, created_at REAL, meta TEXT);
+CREATE INDEX IF NOT EXISTS calls_episode ON calls(episode_id);
+CREATE TABLE IF NOT EXISTS rewards (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, episode_id TEXT, call_id TEXT, name TEXT, value REAL,
+  created_at REAL, meta TEXT);
+CREATE INDEX IF NOT EXISTS rewards_episode ON rewards(episode_id);
+CREATE TABLE IF NOT EXISTS failures (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, episode_id TEXT, node TEXT, role TEXT, agent TEXT,
+  round INTEGER, error_type TEXT, message TEXT, created_at REAL);
+"""
+
+_JSON_FIELDS = {"messages", "sampling", "meta"}
+_INT_ARRAYS = {"prompt_token_ids", "completion_token_ids"}
+_FLOAT_ARRAYS = {"logprobs"}
+_TABLES: dict[type, str] = {Episode: "episodes", ModelCall: "calls", Reward: "rewards", Failure: "failures"}
+
+
+def _encode(name: str, value: Any) -> Any:
+    # Token ids as int32 and logprobs as float32 blobs: 4 bytes a token, no JSON parse on read.
+    if name in _INT_ARRAYS:
+        return array("i", value).tobytes()
+    if name in _FLOAT_ARRAYS:
+        return array("f", value).tobytes()
+    if name in _JSON_FIELDS:
+        return json.dumps(value)
+    return value
+
+
+def _decode(name: str, value: Any) -> Any:
+    if name in _INT_ARRAYS:
+        out = array("i")
+        out.frombytes(value or b"")
+        return out.tolist()
+    if name in _FLOAT_ARRAYS:
+        out_f = array("f")
+        out_f.frombytes(value or b"")
+        return out_f.tolist()
+    if name in _JSON_FIELDS:
+        return json.loads(value) if value else ({} if name != "messages" else [])
+    return value
+
+
+class TraceStore:
+    """Append-only event log in one SQLite file (WAL, one transaction per `append` batch)."""
+
+    def __init__(self, path: str | Path = "runs/traces.sqlite"):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path} is not a usable trace store ({e}); pass another --traces path") from e
+        self._insert_sql = {
+            cls: self._insert_statement(cls) for cls in _TABLES if cls is not Episode
+        }
+
+    @staticmethod
+    def _insert_statement(cls: type) -> str:
+        names = [f.name for f in fields(cls)]
+        return f"INSERT INTO {_TABLES[cls]} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+
+    # ---- writing -------------------------------------------------------------------------------
+    def append(self, events: Sequence[Event] | Event) -> None:
+        """Write a batch of events in one transaction. Episodes are upserted (status changes)."""
+        batch = [events] if not isinstance(events, Sequence) else events
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for ev in batch:
+                    cls = type(ev)
+                    row = [_encode(f.name, getattr(ev, f.name)) for f in fields(cls)]
+                    if cls is Episode:
+                        names = [f.name for f in fields(Episode)]
+                        self._db.execute(
+                            f"INSERT OR REPLACE INTO episodes ({', '.join(names)}) "
+                            f"VALUES ({', '.join('?' * len(names))})",
+                            row,
+                        )
+                    else:
+                        self._db.execute(self._insert_sql[cls], row)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # ---- reading -------------------------------------------------------------------------------
+    def _select(self, cls: type, where: str = "", args: Sequence[Any] = ()) -> list[Any]:
+        names = [f.name for f in fields(cls)]
+        order = "rowid"
+        sql = f"SELECT {', '.join(names)} FROM {_TABLES[cls]} {where} ORDER BY {order}"
+        with self._lock:
+            rows = self._db.execute(sql, list(args)).fetchall()
+        return [cls(**{n: _decode(n, v) for n, v in zip(names, row, strict=True)}) for row in rows]
+
+    @staticmethod
+    def _where(**filters: Any) -> tuple[str, list[Any]]:
+        parts, args = [], []
+        for key, value in filters.items():
+            if value is None:
+                continue
+            if isinstance(value, list | tuple | set):
+                parts.append(f"{key} IN ({', '.join('?' * len(value))})")
+                args.extend(value)
+            else:
+                parts.append(f"{key} = ?")
+                args.append(value)
+        return ("WHERE " + " AND ".join(parts)) if parts else "", args
+
+    def episodes(self, *, status: str | None = None, task: str | None = None, team: str | None = None) -> list[Episode]:
+        """Episodes in insertion order, optionally filtered."""
+        return self._select(Episode, *self._where(status=status, task=task, team=team))
+
+    def calls(
+        self,
+        *,
+        episode_id: str | Sequence[str] | None = None,
+        role: str | Sequence[str] | None = None,
+        group_id: str | None = None,
+    ) -> list[ModelCall]:
+        """Model calls in the order they were recorded."""
+        return self._select(ModelCall, *self._where(episode_id=episode_id, role=role, group_id=group_id))
+
+    def rewards(self, *, episode_id: str | Sequence[str] | None = None, name: str | None = None) -> list[Reward]:
+        """Reward events in the order they were recorded."""
+        return self._select(Reward, *self._where(episode_id=episode_id, name=name))
+
+    def failures(self, *, episode_id: str | Sequence[str] | None = None) -> list[Failure]:
+        """Failure events in the order they were recorded."""
+        return self._select(Failure, *self._where(episode_id=episode_id))
+
+    def finished_task_ids(self, task: str, team: str) -> set[str]:
+        """Task ids with a finished episode (done or degraded) for this task and team: what --resume skips."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id FROM episodes WHERE task = ? AND team = ? AND status IN ('done', 'degraded')",
+                (task, team),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def iter_events(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every event as (kind, dict), kinds in table order: episodes, calls, rewards, failures."""
+        for cls, table in _TABLES.items():
+            for ev in self._select(cls):
+                yield table, asdict(ev)
+
+    # ---- export --------------------------------------------------------------------------------
+    def export_jsonl(self, path: str | Path) -> int:
+        """Write every event as one JSON line `{"kind": ..., **fields}`; returns the number of lines."""
+        n = 0
+        with open(path, "w") as f:
+            for kind, row in self.iter_events():
+                f.write(json.dumps({"kind": kind, **row}) + "\n")
+                n += 1
+        return n
+
+    def export_parquet(self, folder: str | Path) -> list[Path]:
+        """Write one Parquet file per event kind into `folder` (episodes, calls, rewards, failures)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out_dir = Path(folder)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for cls, table in _TABLES.items():
+            rows = [asdict(ev) for ev in self._select(cls)]
+            for row in rows:
+                for key in _JSON_FIELDS & row.keys():
+                    row[key] = json.dumps(row[key])
+            names = [f.name for f in fields(cls)]
+            tbl = pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names})
+            path = out_dir / f"{table}.parquet"
+            pq.write_table(tbl, path)
+            written.append(path)
+        return written
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> TraceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(url: str | Path) -> TraceStore:
+    """Open a trace store from a path (SQLite) or a `postgresql://` URL."""
+    text = str(url)
+    if text.startswith(("postgres://", "postgresql://")):
+        raise NotImplementedError(
+            "Postgres trace stores are not implemented yet; use a SQLite path (one file per run is fine "
+            "for many concurrent episodes in one process)."
+        )
+    return TraceStore(text)
+
+
+def group_events(calls: Iterable[ModelCall]) -> dict[str, list[ModelCall]]:
+    """Calls by group id, samples in index order."""
+    groups: dict[str, list[ModelCall]] = {}
+    for c in calls:
+        groups.setdefault(c.group_id, []).append(c)
+    for g in groups.values():
+        g.sort(key=lambda c: c.sample_index)
+    return groups

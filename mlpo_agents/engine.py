@@ -1,0 +1,651 @@
+"""In-process batched generation engine (transformers) and its litellm custom provider ``local/``.
+
+``LocalEngine`` owns one model on a background daemon thread. Requests queue up; the worker runs
+*continuous batching*: between two decode steps it prefills newly arrived prompts (one forward per
+distinct prompt, the ``n`` samples of a request share it and are expanded from one KV cache), merges
+their KV caches into the running batch (left padding + a boolean attention mask + per-row position ids)
+and keeps decoding. Finished rows leave the batch at once and all-padding columns are trimmed.
+
+Logprobs convention: ``logprobs[t]`` is the log-probability of the sampled token under the *raw model*
+distribution, ``log_softmax(logits)`` at temperature 1, before temperature / top-p are applied. This is
+what vLLM returns by default (``logprobs_mode="raw_logprobs"``) and what a fresh forward pass over
+prompt + completion reproduces, which is how trainers use them. Pass ``logprobs_mode="processed"`` to
+get logprobs under the temperature-scaled distribution instead (top-p truncation is never included).
+
+The litellm provider (``register_local_provider()``) serves ``local/<spec>`` (base weights) and
+``local/<spec>@<adapter>`` (a LoRA adapter loaded with ``engine.load_adapter``) and answers in the same
+shape as litellm's ``hosted_vllm/`` with ``return_token_ids`` and ``logprobs``:
+``choices[i].message.content``, ``choices[i].finish_reason``,
+``choices[i].provider_specific_fields["token_ids"]``, ``choices[i].logprobs["content"][t]["logprob"]``,
+``response.prompt_token_ids`` and ``response.usage``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlpo_agents import zoo
+
+BASE_ADAPTER = "__base__"
+"""peft's name for "no adapter" in a mixed-adapter batch."""
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request."""
+
+    max_tokens: int = 256
+    """Maximum number of completion tokens per sample."""
+    temperature: float = 1.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables it."""
+    n: int = 1
+    """Number of samples sharing the prompt (prefilled once)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings; the text is cut before the first one, token ids keep the token that completed it."""
+    seed: int | None = None
+    """Per-request seed: results do not depend on batch mates. None draws a fresh seed."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in (self.stop or ()) if s)
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Sample:
+    """One generated sample."""
+
+    token_ids: list[int]
+    """Completion token ids, including a final eos / stop-completing token."""
+    logprobs: list[float]
+    """Logprob of each completion token (see module docstring for the convention)."""
+    text: str
+    """Decoded completion without special tokens, cut before the stop string."""
+    finish_reason: str
+    """'stop' (eos or stop string) or 'length'."""
+
+
+@dataclass
+class GenerationResult:
+    """Everything one request produced."""
+
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    adapter: str | None
+    latency_s: float = 0.0
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    future: concurrent.futures.Future
+    submitted: float = field(default_factory=time.perf_counter)
+    samples: list[Sample | None] = field(default_factory=list)
+    remaining: int = 0
+
+
+@dataclass
+class _Row:
+    request: _Request
+    index: int
+    generator: torch.Generator
+    max_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class LocalEngine:
+    """Continuous-batching generation on one in-process model; thread-safe, sync and async entry points."""
+
+    def __init__(
+        self,
+        spec: str,
+        dtype: str = "float32",
+        device: str | None = None,
+        max_batch_size: int = 32,
+        logprobs_mode: str = "raw",
+        share_weights: bool = True,
+    ) -> None:
+        if logprobs_mode not in ("raw", "processed"):
+            raise ValueError("logprobs_mode must be 'raw' or 'processed'")
+        self.spec = zoo.canonical_spec(spec)
+        self.base_model_id = zoo.base_model_id(spec)
+        self.dtype = zoo.torch_dtype(dtype)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.max_batch_size = max_batch_size
+        self.logprobs_mode = logprobs_mode
+        model, self.tokenizer = zoo.resolve(spec, dtype=self.dtype)
+        if not share_weights or self.device.type != "cpu":
+            model = copy.deepcopy(model)
+        self._base_model = model.to(self.device).eval()
+        self._peft_model: Any = None
+        self.adapters: dict[str, str] = {}
+        eos = self._base_model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos_ids)
+        self.max_positions = int(getattr(self._base_model.config, "max_position_embeddings", 1 << 30))
+        self._use_bool_mask = self._base_model.config._attn_implementation in ("sdpa", "flash_attention_2")
+        self._queue: queue.Queue = queue.Queue()
+        self._commands: list[tuple[str, tuple, concurrent.futures.Future]] = []
+        self._commands_lock = threading.Lock()
+        self._closed = False
+        self._reset_batch()
+        self._thread = threading.Thread(target=self._worker, name=f"LocalEngine[{self.spec}]", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- public API
+
+    def encode_messages(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Chat messages -> prompt token ids through the tokenizer's chat template (generation prompt added)."""
+        ids = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids)
+
+    def submit(
+        self,
+        messages: Sequence[dict[str, Any]] | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        **sampling: Any,
+    ) -> concurrent.futures.Future:
+        """Queue a request (chat messages or prompt token ids); returns a Future of ``GenerationResult``."""
+        if self._closed:
+            raise RuntimeError("LocalEngine is closed")
+        if (messages is None) == (prompt_token_ids is None):
+            raise ValueError("Pass exactly one of messages or prompt_token_ids")
+        params = params or SamplingParams(**sampling)
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.encode_messages(messages)
+        if not ids:
+            raise ValueError("Empty prompt")
+        if len(ids) >= self.max_positions:
+            raise ValueError(f"Prompt of {len(ids)} tokens does not fit in {self.max_positions} positions")
+        if params.n > self.max_batch_size:
+            raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"Adapter {adapter!r} is not loaded; call engine.load_adapter({adapter!r}, path) first")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request = _Request(ids, params, adapter, future, samples=[None] * params.n, remaining=params.n)
+        self._queue.put(request)
+        return future
+
+    def generate(self, messages: Sequence[dict[str, Any]] | None = None, **kwargs: Any) -> GenerationResult:
+        """Blocking ``submit(...).result()``."""
+        return self.submit(messages, **kwargs).result()
+
+    async def agenerate(self, messages: Sequence[dict[str, Any]] | None = None, **kwargs: Any) -> GenerationResult:
+        """Async generate: never blocks the event loop (the worker thread does the work)."""
+        return await asyncio.wrap_future(self.submit(messages, **kwargs))
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load a peft LoRA adapter saved with ``save_pretrained`` under ``name`` (replaces a same-named one)."""
+        if not name or "@" in name or name == BASE_ADAPTER:
+            raise ValueError(f"Invalid adapter name {name!r}")
+        self._run_command("load", (name, str(path)))
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter; waits until no running sequence uses it."""
+        if name not in self.adapters:
+            raise KeyError(f"Adapter {name!r} is not loaded")
+        self._run_command("unload", (name,))
+
+    def close(self) -> None:
+        """Stop the worker; pending requests fail with RuntimeError."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------------------------------- worker
+
+    def _run_command(self, kind: str, args: tuple) -> None:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._commands_lock:
+            self._commands.append((kind, args, future))
+        self._queue.put(_WAKE)
+        future.result()
+
+    def _reset_batch(self) -> None:
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # (B, L) bool, True = real token
+        self._positions: torch.Tensor | None = None  # (B,) position of the next token
+        self._last_tokens: torch.Tensor | None = None  # (B,) token to feed next
+
+    def _worker(self) -> None:
+        waiting: list[_Request] = []
+        while True:
+            block = not self._rows and not waiting
+            try:
+                item = self._queue.get(block=block)
+                while True:
+                    if item is None:
+                        self._fail_all(waiting, RuntimeError("LocalEngine closed"))
+                        return
+                    if item is not _WAKE:
+                        waiting.append(item)
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._run_commands()
+                with torch.inference_mode():
+                    waiting = self._admit(waiting)
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # a failed forward must not kill the worker: fail the affected requests
+                self._fail_all([row.request for row in self._rows], exc)
+                self._reset_batch()
+
+    def _fail_all(self, requests: list[_Request], exc: BaseException) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(exc)
+
+    def _run_commands(self) -> None:
+        with self._commands_lock:
+            pending, self._commands = self._commands, []
+        keep = []
+        for kind, args, future in pending:
+            if kind == "unload" and any(row.request.adapter == args[0] for row in self._rows):
+                keep.append((kind, args, future))
+                continue
+            try:
+                (self._do_load if kind == "load" else self._do_unload)(*args)
+                future.set_result(None)
+            except Exception as exc:
+                future.set_exception(exc)
+        if keep:
+            with self._commands_lock:
+                self._commands[:0] = keep
+
+    def _do_load(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if name in self.adapters:
+            self._peft_model.delete_adapter(name)
+            del self.adapters[name]
+        if self._peft_model is None:
+            # peft injects LoRA layers in place: work on a private copy so the shared zoo model stays clean.
+            base = copy.deepcopy(self._base_model)
+            self._peft_model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
+            self._peft_model.eval()
+        else:
+            self._peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        self.adapters[name] = path
+
+    def _do_unload(self, name: str) -> None:
+        del self.adapters[name]
+        if not self.adapters:
+            self._peft_model = None  # back to the clean base model
+            return
+        self._peft_model.set_adapter(next(iter(self.adapters)))
+        self._peft_model.delete_adapter(name)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:
+        """One forward; returns the last-position logits (B, V) in float32."""
+        kwargs: dict[str, Any] = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if self._peft_model is None:
+            out = self._base_model(**kwargs)
+        else:
+            names = [a if a is not None else BASE_ADAPTER for a in adapters]
+            out = self._peft_model.base_model(**kwargs, adapter_names=names)
+        return out.logits[:, -1, :].float()
+
+    def _admit(self, waiting: list[_Request]) -> list[_Request]:
+        """Prefill requests that fit in the batch and merge them into it; return those that must wait."""
+        from transformers import DynamicCache
+
+        still_waiting = []
+        for request in waiting:
+            if request.future.cancelled():
+                continue
+            if request.adapter is not None and request.adapter not in self.adapters:
+                request.future.set_exception(KeyError(f"Adapter {request.adapter!r} was unloaded"))
+                continue
+            if len(self._rows) + request.params.n > self.max_batch_size:
+                still_waiting.append(request)
+                continue
+            n = request.params.n
+            prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
+            cache = DynamicCache(config=self._base_model.config)
+            logits = self._forward(prompt, None, None, cache, [request.adapter])  # (1, V)
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                logits = logits.expand(n, -1)
+            seed = request.params.seed if request.params.seed is not None else random.getrandbits(62)
+            room = self.max_positions - len(request.prompt_ids)
+            rows = []
+            for i in range(n):
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(hash((seed, i)) & ((1 << 62) - 1))
+                rows.append(_Row(request, i, generator, min(request.params.max_tokens, room)))
+            prompt_len = len(request.prompt_ids)
+            mask = torch.ones(n, prompt_len, dtype=torch.bool, device=self.device)
+            positions = torch.full((n,), prompt_len, dtype=torch.long, device=self.device)
+            self._merge(rows, cache, mask, positions)
+            self._sample_and_advance(logits, rows_offset=len(self._rows) - n)
+        return still_waiting
+
+    def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append rows with their KV cache to the running batch, left-padding the shorter side."""
+        if self._cache is None:
+            self._rows, self._cache, self._mask, self._positions = list(rows), cache, mask, positions
+            self._last_tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            return
+        run_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(run_len, new_len)
+        for run_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            run_layer.keys = torch.cat([_left_pad(run_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
+            run_layer.values = torch.cat(
+                [_left_pad(run_layer.values, width), _left_pad(new_layer.values, width)], dim=0
+            )
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
+        self._positions = torch.cat([self._positions, positions])
+        self._last_tokens = torch.cat([self._last_tokens, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
+        self._rows.extend(rows)
+
+    def _decode_step(self) -> None:
+        batch = len(self._rows)
+        self._mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], dim=1)
+        if self._use_bool_mask:
+            attention = self._mask[:, None, None, :]  # (B, 1, 1, L) passed through as a ready 4D mask
+        else:
+            attention = self._mask.to(torch.long)
+        logits = self._forward(
+            self._last_tokens[:, None],
+            attention,
+            self._positions[:, None],
+            self._cache,
+            [row.request.adapter for row in self._rows],
+        )
+        self._positions += 1
+        self._sample_and_advance(logits, rows_offset=0)
+
+    def _sample_and_advance(self, logits: torch.Tensor, rows_offset: int) -> None:
+        """Sample one token for rows[rows_offset:] from logits (B', V), record it, retire finished rows."""
+        rows = self._rows[rows_offset:]
+        tokens, logprobs = self._sample(logits, rows)
+        self._last_tokens[rows_offset:] = tokens
+        token_list, logprob_list = tokens.tolist(), logprobs.tolist()
+        finished = []
+        for j, row in enumerate(rows):
+            row.token_ids.append(token_list[j])
+            row.logprobs.append(logprob_list[j])
+            reason = self._finish_reason(row)
+            if reason is not None:
+                finished.append(rows_offset + j)
+                self._complete(row, reason)
+        if finished:
+            self._drop_rows(finished)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched sampling: greedy rows take the argmax, others inverse-CDF with a per-row uniform."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        temps = [row.request.params.temperature for row in rows]
+        tokens = raw_logprobs.argmax(dim=-1)  # (B,)
+        chosen_logprobs = raw_logprobs
+        sampled = [j for j, t in enumerate(temps) if t > 0]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            temp = torch.tensor([temps[j] for j in sampled], device=logits.device, dtype=logits.dtype)
+            scaled = torch.log_softmax(logits[idx] / temp[:, None], dim=-1)  # (S, V)
+            probs = scaled.exp()
+            top_ps = [rows[j].request.params.top_p for j in sampled]
+            uniforms = torch.stack([torch.rand((), generator=rows[j].generator, device=logits.device) for j in sampled])
+            if all(p >= 1.0 for p in top_ps):
+                order = None
+                cdf = probs.cumsum(dim=-1)
+            else:
+                probs, order = probs.sort(dim=-1, descending=True)
+                cdf = probs.cumsum(dim=-1)
+                top_p = torch.tensor(top_ps, device=logits.device, dtype=probs.dtype)
+                keep = (cdf - probs) < top_p[:, None]  # always keeps the most likely token
+                probs = probs * keep
+                cdf = probs.cumsum(dim=-1)
+            target = (uniforms * cdf[:, -1]).to(cdf.dtype)[:, None]
+            picks = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1).squeeze(1)  # (S,)
+            if order is not None:
+                picks = order.gather(1, picks[:, None]).squeeze(1)
+            tokens[idx] = picks
+            if self.logprobs_mode == "processed":
+                chosen_logprobs = raw_logprobs.clone()
+                chosen_logprobs[idx] = scaled
+        return tokens, chosen_logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+    def _finish_reason(self, row: _Row) -> str | None:
+        if row.token_ids[-1] in self.eos_token_ids:
+            return "stop"
+        stops = row.request.params.stop
+        if stops:
+            window = max(len(s) for s in stops) + 4
+            tail = self.tokenizer.decode(row.token_ids[-window:], skip_special_tokens=True)
+            if any(s in tail for s in stops):
+                return "stop"
+        if len(row.token_ids) >= row.max_tokens:
+            return "length"
+        return None
+
+    def _complete(self, row: _Row, reason: str) -> None:
+        request = row.request
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        if reason == "stop" and request.params.stop:
+            cuts = [text.find(s) for s in request.params.stop if s in text]
+            if cuts:
+                text = text[: min(cuts)]
+        request.samples[row.index] = Sample(row.token_ids, row.logprobs, text, reason)
+        request.remaining -= 1
+        if request.remaining == 0 and not request.future.done():
+            result = GenerationResult(
+                prompt_token_ids=request.prompt_ids,
+                samples=list(request.samples),
+                adapter=request.adapter,
+                latency_s=time.perf_counter() - request.submitted,
+            )
+            request.future.set_result(result)
+
+    def _drop_rows(self, finished: list[int]) -> None:
+        gone = set(finished)
+        keep_list = [i for i in range(len(self._rows)) if i not in gone]
+        if not keep_list:
+            self._reset_batch()
+            return
+        keep = torch.tensor(keep_list, dtype=torch.long, device=self.device)
+        self._rows = [self._rows[i] for i in keep_list]
+        mask = self._mask[keep]
+        # Trim columns that are padding for every remaining row.
+        start = int(mask.any(dim=0).to(torch.int8).argmax())
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[keep, :, start:]
+            layer.values = layer.values[keep, :, start:]
+        self._positions = self._positions[keep]
+        self._last_tokens = self._last_tokens[keep]
+
+
+_WAKE = object()
+
+
+def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, width, D) with zeros on the left."""
+    missing = width - kv.shape[2]
+    if missing == 0:
+        return kv
+    pad = kv.new_zeros(kv.shape[0], kv.shape[1], missing, kv.shape[3])
+    return torch.cat([pad, kv], dim=2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    if missing == 0:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+# ------------------------------------------------------------------------------------------- engine registry
+
+_engines: dict[tuple[str, str], LocalEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(spec: str, dtype: str | None = None, **options: Any) -> LocalEngine:
+    """The shared engine for (spec, dtype); created on first use. dtype defaults to env MLPO_ENGINE_DTYPE."""
+    dtype = dtype or os.environ.get("MLPO_ENGINE_DTYPE", "float32")
+    key = (zoo.canonical_spec(spec), str(zoo.torch_dtype(dtype)))
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None or engine._closed:
+            engine = _engines[key] = LocalEngine(spec, dtype=dtype, **options)
+        return engine
+
+
+def close_engines() -> None:
+    """Close every shared engine."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.close()
+
+
+def parse_local_model(model: str) -> tuple[str, str | None]:
+    """'local/tiny-test@v3' or 'tiny-test@v3' -> ('tiny-test', 'v3'); no '@' -> (spec, None)."""
+    if model.startswith("local/"):
+        model = model[len("local/") :]
+    spec, _, adapter = model.partition("@")
+    return spec, adapter or None
+
+
+# ------------------------------------------------------------------------------------------- litellm provider
+
+_ENGINE_OPTION_KEYS = ("dtype", "max_batch_size", "device", "logprobs_mode")
+_provider_lock = threading.Lock()
+
+
+def _sampling_from_litellm(optional_params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
+    params = dict(optional_params or {})
+    extra = dict(params.pop("extra_body", None) or {})
+    params = {**extra, **params}
+    max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or 256
+    stop = params.get("stop") or ()
+    sampling = SamplingParams(
+        max_tokens=int(max_tokens),
+        temperature=float(params["temperature"]) if params.get("temperature") is not None else 1.0,
+        top_p=float(params["top_p"]) if params.get("top_p") is not None else 1.0,
+        n=int(params.get("n") or 1),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        seed=int(params["seed"]) if params.get("seed") is not None else None,
+    )
+    options = {k: params[k] for k in _ENGINE_OPTION_KEYS if params.get(k) is not None}
+    return sampling, options
+
+
+def _to_model_response(result: GenerationResult, engine: LocalEngine, model: str, model_response: Any) -> Any:
+    """Fill a litellm ModelResponse in the hosted_vllm shape (token ids, logprobs, prompt_token_ids)."""
+    from litellm.types.utils import ChoiceLogprobs, Choices, Message, Usage
+
+    choices = []
+    for i, sample in enumerate(result.samples):
+        pieces = engine.tokenizer.convert_ids_to_tokens(sample.token_ids)
+        content = [
+            {"token": piece, "logprob": lp, "bytes": None, "top_logprobs": []}
+            for piece, lp in zip(pieces, sample.logprobs, strict=True)
+        ]
+        choices.append(
+            Choices(
+                index=i,
+                finish_reason=sample.finish_reason,
+                message=Message(role="assistant", content=sample.text),
+                logprobs=ChoiceLogprobs(content=content),
+                provider_specific_fields={"token_ids": list(sample.token_ids)},
+            )
+        )
+    completion_tokens = sum(len(s.token_ids) for s in result.samples)
+    model_response.choices = choices
+    model_response.model = model
+    model_response.usage = Usage(
+        prompt_tokens=len(result.prompt_token_ids),
+        completion_tokens=completion_tokens,
+        total_tokens=len(result.prompt_token_ids) + completion_tokens,
+    )
+    model_response.prompt_token_ids = list(result.prompt_token_ids)
+    return model_response
+
+
+def _make_provider_class() -> type:
+    from litellm import CustomLLM
+
+    class LocalProvider(CustomLLM):
+        """litellm provider ``local/<spec>[@<adapter>]`` backed by shared ``LocalEngine``s."""
+
+        def _prepare(self, model: str, messages: list, optional_params: dict, litellm_params: dict | None):
+            spec, adapter = parse_local_model(model)
+            sampling, options = _sampling_from_litellm(optional_params)
+            for key in _ENGINE_OPTION_KEYS:
+                if key not in options and litellm_params and litellm_params.get(key) is not None:
+                    options[key] = litellm_params[key]
+            engine = get_engine(spec, **options)
+            return engine, adapter, sampling
+
+        def completion(self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs):
+            engine, adapter, sampling = self._prepare(model, messages, optional_params or {}, litellm_params)
+            result = engine.generate(messages, adapter=adapter, params=sampling)
+            return _to_model_response(result, engine, model, kwargs["model_response"])
+
+        async def acompletion(self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs):
+            engine, adapter, sampling = self._prepare(model, messages, optional_params or {}, litellm_params)
+            result = await engine.agenerate(messages, adapter=adapter, params=sampling)
+            return _to_model_response(result, engine, model, kwargs["model_response"])
+
+    return LocalProvider
+
+
+def register_local_provider() -> Any:
+    """Register the ``local`` provider in ``litellm.custom_provider_map`` (idempotent); returns the handler."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    with _provider_lock:
+        for item in litellm.custom_provider_map:
+            if item["provider"] == "local":
+                return item["custom_handler"]
+        handler = _make_provider_class()()
+        litellm.custom_provider_map.append({"provider": "local", "custom_handler": handler})
+        from litellm.utils import custom_llm_setup
+
+        custom_llm_setup()
+        return handler

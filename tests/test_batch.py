@@ -211,3 +211,30 @@ def test_load_events_from_store(tmp_path):
     # float32 round trip in the store: -0.1 is stored as float32
     assert torch.allclose(batch.old_logprobs[0, 3:5], torch.tensor([-0.1, -0.2]))
     store.close()
+
+
+def test_old_logprobs_align_with_token_logprobs_of_the_sampling_model():
+    # Sample with the tiny model one token at a time (log-softmax of the last position), record the
+    # calls like an engine would, then check token_logprobs on the padded batch reproduces them.
+    from mlpo_agents import zoo
+    from mlpo_agents.trainers.losses import token_logprobs
+
+    model, tokenizer = zoo.resolve("tiny-test")
+    gen = torch.Generator().manual_seed(0)
+    prompt = tokenizer("What is 3 + 4?")["input_ids"]
+    calls = []
+    with torch.no_grad():
+        for i, n_tokens in enumerate((3, 6)):
+            ids, lps = list(prompt), []
+            for _ in range(n_tokens):
+                last = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+                tok = int(torch.multinomial(last.exp(), 1, generator=gen))
+                ids.append(tok)
+                lps.append(float(last[tok]))
+            calls.append(call(f"s{i}", index=i, prompt=prompt, completion=ids[len(prompt) :], logprobs=lps))
+        batch = traces_to_batch(calls, [correct("s0", 1.0), correct("s1", 0.0)], base_model=BASE)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = token_logprobs(logits, batch.input_ids)
+    on = batch.completion_mask.bool()
+    assert torch.allclose(logp[on], batch.old_logprobs[on], atol=1e-4)
+    assert batch.completion_mask.sum().item() == 9

@@ -170,14 +170,16 @@ class TraceStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise ValueError(f"{path} is not a usable trace store ({e}); pass another --traces path") from e
-        self._insert_sql = {
-            cls: self._insert_statement(cls) for cls in _TABLES if cls is not Episode
-        }
+        self._insert_sql = {cls: self._insert_statement(cls) for cls in _TABLES}
 
     @staticmethod
     def _insert_statement(cls: type) -> str:
         names = [f.name for f in fields(cls)]
-        return f"INSERT INTO {_TABLES[cls]} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        sql = f"INSERT INTO {_TABLES[cls]} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        if cls is Episode:  # an episode row is written when it starts and updated when it ends
+            updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "episode_id")
+            sql += f" ON CONFLICT(episode_id) DO UPDATE SET {updates}"
+        return sql
 
     # ---- writing -------------------------------------------------------------------------------
     def append(self, events: Sequence[Event] | Event) -> None:
@@ -189,15 +191,7 @@ class TraceStore:
                 for ev in batch:
                     cls = type(ev)
                     row = [_encode(f.name, getattr(ev, f.name)) for f in fields(cls)]
-                    if cls is Episode:
-                        names = [f.name for f in fields(Episode)]
-                        self._db.execute(
-                            f"INSERT OR REPLACE INTO episodes ({', '.join(names)}) "
-                            f"VALUES ({', '.join('?' * len(names))})",
-                            row,
-                        )
-                    else:
-                        self._db.execute(self._insert_sql[cls], row)
+                    self._db.execute(self._insert_sql[cls], row)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

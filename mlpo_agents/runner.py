@@ -1,0 +1,159 @@
+"""Run a team over task rows: concurrent episodes, rewards beside the calls, resumable.
+
+Each episode is written as `running` before its first call and updated to `done`, `degraded` (an
+agent failed, the team answered anyway) or `failed` when it ends, so a crash or Ctrl-C leaves a
+consistent store and `resume=True` skips exactly the finished task rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlpo_agents.config import TeamConfig
+from mlpo_agents.graphs import build_topology
+from mlpo_agents.graphs.state import TeamContext
+from mlpo_agents.models import ModelClient
+from mlpo_agents.rewards import answer_prompt, format_reward, score
+from mlpo_agents.tasks.base import Task
+from mlpo_agents.trace import Episode, Failure, Reward, TraceStore, new_id
+
+
+@dataclass
+class EpisodeResult:
+    """What one episode produced."""
+
+    episode_id: str
+    task_id: str
+    answer: str | None
+    reward: float
+    status: str
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    """Totals of a run, as the CLI prints them."""
+
+    episodes: int = 0
+    skipped: int = 0
+    correct: float = 0.0
+    degraded: int = 0
+    failed: int = 0
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    results: list[EpisodeResult] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        """Mean episode reward over finished episodes."""
+        return self.correct / self.episodes if self.episodes else 0.0
+
+
+def score_answer(task: Task, answer: str | None) -> float:
+    """Correctness of an extracted final answer (no answer scores 0, recorded as such)."""
+    return score(task, f"<answer>{answer}</answer>") if answer is not None else 0.0
+
+
+async def run_episode(
+    graph: Any, team: TeamConfig, client: ModelClient, store: TraceStore, task: Task, task_name: str,
+    score_roles: Sequence[str], stream: Callable[[str, dict[str, Any]], None] | None = None,
+) -> EpisodeResult:
+    """Run the team on one task row and record the episode, its calls, rewards and failures."""
+    episode = Episode(new_id(), task_name, task.id, team.name, team.topology, meta={"params": team.params})
+    store.append(episode)
+    ctx = TeamContext(client=client, task=task, instruction=answer_prompt(task))
+    config = {"configurable": {"episode_id": episode.episode_id, "thread_id": episode.episode_id}}
+    inputs = {"question": task.question, "round": 0, "turns": [], "failures": []}
+    try:
+        if stream is None:
+            state = await graph.ainvoke(inputs, config=config, context=ctx)
+        else:
+            state = dict(inputs)
+            async for chunk in graph.astream(inputs, config=config, context=ctx, stream_mode=["updates", "values"]):
+                mode, payload = chunk
+                if mode == "updates":
+                    for node, update in payload.items():
+                        stream(episode.episode_id, {"node": node, **(update or {})})
+                else:
+                    state = payload
+    except Exception as e:  # noqa: BLE001 - an episode crash is recorded; the run goes on
+        episode.status, episode.finished_at = "failed", time.time()
+        store.append([Failure(episode.episode_id, "graph", "", "", -1, type(e).__name__, str(e)[:500]), episode])
+        return EpisodeResult(episode.episode_id, task.id, None, 0.0, "failed")
+    answer = state.get("answer")
+    reward = await asyncio.to_thread(score_answer, task, answer)
+    events: list[Any] = [Reward(episode.episode_id, "correct", reward)]
+    for turn in state.get("turns", []):
+        if turn["role"] in score_roles:
+            value = await asyncio.to_thread(score, task, turn["text"])
+            events.append(Reward(episode.episode_id, "correct", value, call_id=turn["call_id"]))
+            events.append(Reward(episode.episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
+    episode.status = "degraded" if state.get("failures") else "done"
+    episode.final_answer, episode.finished_at = answer, time.time()
+    store.append([*events, episode])
+    return EpisodeResult(episode.episode_id, task.id, answer, reward, episode.status, state)
+
+
+async def run_team(
+    team: TeamConfig,
+    tasks: Sequence[Task],
+    store: TraceStore,
+    *,
+    task_name: str = "task",
+    client: ModelClient | None = None,
+    concurrency: int = 8,
+    resume: bool = False,
+    progress: bool = True,
+    score_roles: Sequence[str] | None = None,
+    stream: Callable[[str, dict[str, Any]], None] | None = None,
+    graph: Any = None,
+) -> RunSummary:
+    """Run `team` over `tasks` with at most `concurrency` episodes in flight."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency={concurrency}: must be >= 1")
+    graph = graph if graph is not None else build_topology(team.topology, **team.params)
+    client = client or ModelClient(team, store)
+    roles = tuple(score_roles) if score_roles is not None else tuple(team.trainable_roles() or ["leader"])
+    done_ids = store.finished_task_ids(task_name, team.name) if resume else set()
+    todo = [t for t in tasks if t.id not in done_ids]
+    summary = RunSummary(skipped=len(tasks) - len(todo))
+    bar = _progress(len(todo), progress)
+    gate = asyncio.Semaphore(concurrency)
+    start = time.perf_counter()
+    calls0 = client.stats.copy()
+
+    async def one(task: Task) -> None:
+        async with gate:
+            result = await run_episode(graph, team, client, store, task, task_name, roles, stream)
+        summary.results.append(result)
+        summary.episodes += result.status != "failed"
+        summary.correct += result.reward
+        summary.degraded += result.status == "degraded"
+        summary.failed += result.status == "failed"
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{summary.accuracy:.3f}", degraded=summary.degraded, failed=summary.failed)
+
+    try:
+        await asyncio.gather(*(one(t) for t in todo))
+    finally:
+        if bar is not None:
+            bar.close()
+        summary.wall_s = time.perf_counter() - start
+        for key in ("calls", "prompt_tokens", "completion_tokens"):
+            setattr(summary, key, client.stats[key] - calls0[key])
+    return summary
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="episodes", unit="ep", dynamic_ncols=True)

@@ -1,0 +1,62 @@
+"""Team config validation: errors name the file, the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlpo_agents.config import ConfigError, default_team, load_team
+
+GOOD = """
+name: t
+topology: leader_peers
+params: {peers: 2}
+model_list:
+  - model_name: m
+    litellm_params: {model: local/tiny-test}
+roles:
+  leader: {model: m, trainable: true, sampling: {temperature: 0.5, n: 4}}
+  peer: {model: m}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "team.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_yaml_loads(tmp_path):
+    team = load_team(write(tmp_path, GOOD))
+    assert team.role("peer-7").model == "m" and team.role("leader").sampling.n == 4
+    assert team.trainable_roles() == ["leader"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        (GOOD.replace("model: m, trainable", "model: nope, trainable"), "roles.leader.model is 'nope'"),
+        (GOOD.replace("temperature: 0.5", "temperature: -1"), "roles.leader.sampling.temperature"),
+        (GOOD.replace("n: 4", "n: 0"), "roles.leader.sampling.n"),
+        (GOOD.replace("trainable: true", "trainable: true, colour: red"), "roles.leader.colour"),
+        (GOOD.replace("litellm_params: {model: local/tiny-test}", "litellm_params: {}"), "model_list[0]"),
+        (GOOD + "  leader: [", "not valid YAML"),
+        ("- just a list", "expected a mapping"),
+    ],
+)
+def test_bad_configs_name_file_and_key(tmp_path, bad, needle):
+    path = write(tmp_path, bad)
+    with pytest.raises(ConfigError) as err:
+        load_team(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_unknown_role_lists_known_roles(tmp_path):
+    team = load_team(write(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match="no role 'judge'.*roles: leader, peer"):
+        team.role("judge")
+
+
+def test_builtin_teams_load():
+    for name in ("default", "solo", "tiny", "vllm"):
+        assert load_team(name).name == name
+    assert default_team().params["peers"] == 3

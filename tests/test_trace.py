@@ -1,0 +1,79 @@
+"""TraceStore: round trips, exports, resume bookkeeping, atomic batches."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from mlpo_agents.trace import Episode, Failure, ModelCall, Reward, TraceStore, group_events
+
+
+def make_call(episode_id: str, i: int, group: str = "g1") -> ModelCall:
+    return ModelCall(
+        call_id=f"c{i}", episode_id=episode_id, node="leader", role="leader", agent="leader", round=0,
+        group_id=group, sample_index=i, messages=[{"role": "user", "content": "2+2?"}], text=f"<answer>{i}</answer>",
+        prompt_token_ids=[1, 2, 3, 70000], completion_token_ids=[5, 6, 2**31 - 1], logprobs=[-0.25, -1.5, -3.125],
+        finish_reason="stop", model="local/tiny-test", base_model="tiny-test", version="base",
+        sampling={"temperature": 0.7, "n": 2}, latency_s=0.1, prompt_tokens=4, completion_tokens=3,
+    )
+
+
+def test_round_trip_keeps_token_ids_and_logprobs_exact(tmp_path):
+    store = TraceStore(tmp_path / "t.sqlite")
+    store.append([Episode("e1", "gsm8k", "gsm8k/test/0", "default", "leader_peers"), make_call("e1", 0), make_call("e1", 1)])
+    store.append([Reward("e1", "correct", 1.0, call_id="c0"), Failure("e1", "peer", "peer", "peer-2", 0, "Timeout", "slow")])
+    store.close()
+
+    store = TraceStore(tmp_path / "t.sqlite")
+    calls = store.calls(episode_id="e1")
+    assert [c.call_id for c in calls] == ["c0", "c1"]
+    assert calls[0].prompt_token_ids == [1, 2, 3, 70000]
+    assert calls[0].completion_token_ids == [5, 6, 2**31 - 1]
+    assert calls[0].logprobs == [-0.25, -1.5, -3.125]  # exactly representable in float32
+    assert calls[0].messages == [{"role": "user", "content": "2+2?"}] and calls[0].sampling["n"] == 2
+    assert store.rewards(episode_id="e1")[0].call_id == "c0"
+    assert store.failures()[0].agent == "peer-2"
+    assert list(group_events(calls)) == ["g1"]
+
+
+def test_episode_status_updates_and_resume_set(tmp_path):
+    store = TraceStore(tmp_path / "t.sqlite")
+    ep = Episode("e1", "gsm8k", "row-1", "default", "leader_peers")
+    store.append(ep)
+    store.append(Episode("e2", "gsm8k", "row-2", "default", "leader_peers"))
+    assert store.finished_task_ids("gsm8k", "default") == set()
+    ep.status, ep.final_answer = "degraded", "4"
+    store.append(ep)
+    assert store.finished_task_ids("gsm8k", "default") == {"row-1"}
+    assert store.finished_task_ids("gsm8k", "other-team") == set()
+    assert [e.status for e in store.episodes()] == ["degraded", "running"]
+
+
+def test_a_failing_batch_writes_nothing(tmp_path):
+    store = TraceStore(tmp_path / "t.sqlite")
+    store.append(make_call("e1", 0))
+    with pytest.raises(Exception):
+        store.append([make_call("e1", 1), make_call("e1", 0)])  # duplicate call_id aborts the batch
+    assert [c.call_id for c in store.calls()] == ["c0"]
+
+
+def test_export_jsonl_and_parquet(tmp_path):
+    store = TraceStore(tmp_path / "t.sqlite")
+    store.append([Episode("e1", "arithmetic", "a/0", "tiny", "leader_peers"), make_call("e1", 0),
+                  Reward("e1", "correct", 0.0)])
+    n = store.export_jsonl(tmp_path / "out.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert n == 3 and [row["kind"] for row in lines] == ["episodes", "calls", "rewards"]
+    assert lines[1]["completion_token_ids"] == [5, 6, 2**31 - 1]
+    paths = store.export_parquet(tmp_path / "pq")
+    calls = pq.read_table(tmp_path / "pq" / "calls.parquet").to_pylist()
+    assert len(paths) == 4 and calls[0]["logprobs"] == [-0.25, -1.5, -3.125]
+
+
+def test_not_a_database_gives_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_text("this is not sqlite" * 100)
+    with pytest.raises(ValueError, match="not a usable trace store"):
+        TraceStore(bad)

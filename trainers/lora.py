@@ -1,0 +1,152 @@
+"""LoRA helpers: attach a peft adapter to a zoo model, save it atomically, load it back.
+
+An adapter folder is plain peft format (`adapter_config.json` + `adapter_model.safetensors`, loadable
+by `PeftModel.from_pretrained` and by vLLM's `--lora-modules`) plus `mlpo_adapter.json`, which records
+the base model identity (`zoo.base_model_id`) so an adapter is never loaded onto other weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlpo_agents import zoo
+
+ADAPTER_META_FILE = "mlpo_adapter.json"
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter trained on one base model was loaded onto another."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters (peft `LoraConfig` for a causal LM)."""
+
+    r: int = 16
+    """Rank of the low-rank update."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input (0 keeps training deterministic)."""
+    target_modules: str | tuple[str, ...] = "all-linear"
+    """Modules to adapt: peft's 'all-linear' (every linear layer but the output head) or module names."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0:
+            raise ValueError(f"LoRA needs r >= 1 and alpha > 0; got r={self.r}, alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1); got {self.dropout}")
+
+    def to_peft(self) -> Any:
+        """The equivalent `peft.LoraConfig`."""
+        from peft import LoraConfig
+
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+
+
+def _base_model(base: str | Any, dtype: str) -> tuple[Any, str | None]:
+    # A spec gives a private copy: zoo.resolve shares one cached model per process, and peft wraps in place.
+    if isinstance(base, str):
+        model, _ = zoo.resolve(base, dtype=dtype)
+        return copy.deepcopy(model), zoo.base_model_id(base)
+    return base, None
+
+
+def attach_lora(base: str | Any, settings: LoraSettings | None = None, *, dtype: str = "float32") -> Any:
+    """A trainable `PeftModel`: LoRA on a private copy of zoo spec `base`, or on the given model in place."""
+    from peft import get_peft_model
+
+    model, base_id = _base_model(base, dtype)
+    peft_model = get_peft_model(model, (settings or LoraSettings()).to_peft())
+    if base_id is not None:
+        peft_model.mlpo_base_model = base_id
+    return peft_model
+
+
+def save_adapter(
+    model: Any,
+    folder: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write the adapter of `model` to `folder` in peft format, atomically; returns the folder.
+
+    The adapter is written to a temporary sibling folder and renamed into place, so a reader (the engine
+    reloading the leader) sees either the old adapter or the new one, never a half-written one. An
+    existing folder is moved aside first and removed after the rename (a crash in between leaves the
+    old adapter at `<folder>.old-*`). `base_model` defaults to the id recorded by `attach_lora`.
+    """
+    base_id = base_model or getattr(model, "mlpo_base_model", None)
+    if base_id is None:
+        raise ValueError(
+            "save_adapter needs base_model (the zoo.base_model_id of the weights under the adapter)"
+        )
+    target = Path(folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        record = {"base_model": base_id, "saved_at": time.time(), "format": "peft-lora", **(meta or {})}
+        (tmp / ADAPTER_META_FILE).write_text(json.dumps(record, indent=2))
+        old = None
+        if target.exists():
+            old = target.with_name(f"{target.name}.old-{os.getpid()}-{time.time_ns()}")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def adapter_base_model(folder: str | os.PathLike) -> str:
+    """The base model id an adapter folder was trained on."""
+    path = Path(folder) / ADAPTER_META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {ADAPTER_META_FILE}: not an adapter saved by save_adapter")
+    return str(json.loads(path.read_text())["base_model"])
+
+
+def load_adapter(
+    base: str | Any,
+    folder: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    dtype: str = "float32",
+    base_model: str | None = None,
+) -> Any:
+    """Load an adapter saved by `save_adapter` onto a copy of zoo spec `base` (or onto a given model).
+
+    Raises `AdapterMismatchError` when the adapter was trained on another base model; with a model
+    object instead of a spec, pass `base_model` (its id) to get the same check.
+    """
+    from peft import PeftModel
+
+    model, base_id = _base_model(base, dtype)
+    base_id = base_id or base_model
+    trained_on = adapter_base_model(folder)
+    if base_id is not None and trained_on != base_id:
+        raise AdapterMismatchError(
+            f"adapter {folder} was trained on base model {trained_on!r}, not {base_id!r}; load it onto "
+            f"{trained_on!r} or train a new adapter for {base_id!r}"
+        )
+    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    peft_model.mlpo_base_model = trained_on
+    return peft_model

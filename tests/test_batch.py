@@ -238,3 +238,32 @@ def test_old_logprobs_align_with_token_logprobs_of_the_sampling_model():
     on = batch.completion_mask.bool()
     assert torch.allclose(logp[on], batch.old_logprobs[on], atol=1e-4)
     assert batch.completion_mask.sum().item() == 9
+
+
+def test_runner_traces_become_a_batch(tmp_path):
+    # Contract with the runner: leader samples share a group, each carries call-level "correct"/"format".
+    import asyncio
+    import itertools
+
+    from mlpo_agents.runner import run_team
+    from mlpo_agents.tasks.base import Task
+    from mlpo_agents.testing import ScriptedModel, scripted_team
+
+    replies = itertools.cycle(["so <answer>4</answer>", "hmm <answer>5</answer>", "no answer"])
+    leader = ScriptedModel("tb-leader", lambda messages: next(replies))
+    peer = ScriptedModel("tb-peer", "I think <answer>5</answer>", base_model="some-frozen-api")
+    team = scripted_team(
+        {"leader": leader, "peer": peer}, params={"peers": 2, "rounds": 1, "leader_samples": 3}
+    )
+    store = TraceStore(tmp_path / "t.sqlite")
+    task = Task(id="t/0", question="What is 2+2?", answer="4", kind="math", meta={})
+    asyncio.run(run_team(team, [task], store, task_name="unit", progress=False))
+
+    batch = traces_to_batch(*load_events(store), base_model="scripted")
+    assert len(batch) == 3 and batch.stats.groups == 1 and batch.stats.other_role == 2
+    assert batch.rewards.tolist() == [1.0, 0.0, 0.0]
+    assert torch.allclose(batch.advantages, torch.tensor([2 / 3, -1 / 3, -1 / 3]))
+    assert torch.all(batch.old_logprobs[batch.completion_mask.bool()] == -0.5)
+    with pytest.raises(TraceMismatchError):
+        traces_to_batch(*load_events(store), base_model="smollm2-135m")
+    store.close()

@@ -1,0 +1,143 @@
+"""Replay raw vLLM 0.32 responses (tests/fixtures/vllm/*.json) through litellm's hosted_vllm provider.
+
+A loopback HTTP server answers with the saved JSON; litellm parses it as it would a live server's.
+This pins the field paths the trace reads, so a litellm upgrade that drops one fails here, fast and
+without vLLM:
+
+- completion token ids: ``choice.provider_specific_fields["token_ids"]``
+- prompt token ids:     ``response.prompt_token_ids``
+- per-token logprobs:   ``choice.logprobs["content"][i]["logprob"]``
+
+and checks that the request litellm sends still carries ``logprobs`` and ``return_token_ids``.
+Regenerate the fixtures with ``MLPO_UPDATE_VLLM_FIXTURES=1 pytest -m vllm tests/test_vllm.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
+CASES = sorted(p.stem for p in FIXTURES.glob("chat_*.json"))
+
+
+def load_fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+class _ReplayServer:
+    """Answers every POST with one saved response body and remembers the request bodies."""
+
+    def __init__(self, body: dict):
+        self.body = json.dumps(body).encode()
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.requests.append(
+                    {"path": self.path, "body": json.loads(self.rfile.read(length) or b"{}")}
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> _ReplayServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def litellm():
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm as module
+
+    return module
+
+
+def _replay(litellm, name: str):
+    fixture = load_fixture(name)
+    request = fixture["request"]
+    with _ReplayServer(fixture["response"]) as server:
+        response = asyncio.run(
+            litellm.acompletion(
+                model=f"hosted_vllm/{request['model']}",
+                api_base=server.api_base,
+                messages=request["messages"],
+                max_tokens=request["max_tokens"],
+                temperature=request["temperature"],
+                n=request.get("n", 1),
+                logprobs=True,
+                extra_body={"return_token_ids": True},
+                num_retries=0,
+            )
+        )
+    return fixture, response, server.requests
+
+
+def test_fixtures_exist():
+    assert {"chat_greedy", "chat_n2_sampled"} <= set(CASES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_litellm_keeps_token_ids_and_logprobs(litellm, name):
+    fixture, response, _ = _replay(litellm, name)
+    raw = fixture["response"]
+    assert len(response.choices) == len(raw["choices"])
+    assert response.prompt_token_ids == raw["prompt_token_ids"]
+    for choice, raw_choice in zip(response.choices, raw["choices"], strict=True):
+        assert choice.provider_specific_fields["token_ids"] == raw_choice["token_ids"]
+        content = choice.logprobs["content"]
+        assert [c["logprob"] for c in content] == [c["logprob"] for c in raw_choice["logprobs"]["content"]]
+        assert len(content) == len(raw_choice["token_ids"])
+        assert choice.message.content == raw_choice["message"]["content"]
+        assert choice.finish_reason == raw_choice["finish_reason"]
+    assert response.usage.prompt_tokens == len(raw["prompt_token_ids"])
+    assert response.usage.completion_tokens == sum(len(c["token_ids"]) for c in raw["choices"])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_litellm_sends_token_id_flags(litellm, name):
+    _, _, requests = _replay(litellm, name)
+    assert len(requests) == 1
+    sent = requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["body"]["logprobs"] is True
+    assert sent["body"]["return_token_ids"] is True
+    assert sent["body"].get("stream") in (None, False)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_model_client_parser_reads_replayed_response(litellm, name):
+    from mlpo_agents.models import parse_choice_tokens
+
+    fixture, response, _ = _replay(litellm, name)
+    raw = fixture["response"]
+    for choice, raw_choice in zip(response.choices, raw["choices"], strict=True):
+        prompt_ids, completion_ids, logprobs = parse_choice_tokens(response, choice)
+        assert prompt_ids == raw["prompt_token_ids"]
+        assert completion_ids == raw_choice["token_ids"]
+        assert logprobs == [c["logprob"] for c in raw_choice["logprobs"]["content"]]

@@ -203,9 +203,10 @@ def match_choice(answer: str, options: dict[str, str]) -> str | None:
     boxed = last_boxed(answer)
     s = boxed if boxed is not None else answer
     s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", s).strip().strip("$*").strip()
-    lead = re.match(rf"^\(?([{letters}])\)?(?:[.:)]\s*(.*))?$", s, re.DOTALL)
+    # "(B) ..." may be followed by anything; a bare "B" only by ".", ":", ")" or the end ("A cat" is text).
+    lead = re.match(rf"^(?:\(([{letters}])\)|([{letters}])(?=[.:)]|$))", s)
     if lead:
-        return lead.group(1)
+        return lead.group(1) or lead.group(2)
     normalised = _norm_text(s)
     for letter, text in options.items():
         if _norm_text(text) == normalised:

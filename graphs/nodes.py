@@ -150,3 +150,30 @@ def require(condition: bool, message: str) -> None:
     """Raise a ValueError with a fix-it message when a topology parameter is out of range."""
     if not condition:
         raise ValueError(message)
+
+
+def fan_out_each(
+    node: str, payloads: Callable[[dict[str, Any]], Sequence[dict[str, Any]]], otherwise: str = END
+) -> Callable[..., Any]:
+    """A conditional edge that runs `node` once per payload (a dict with at least `agent`), in parallel.
+
+    Each run sees `state + payload` (e.g. `{"agent": "verifier-2", "target": <call id>}`), so one
+    agent can be run several times in a step, once per output it builds on. With nothing to run the
+    edge goes to `otherwise` instead of silently ending the graph.
+    """
+
+    def route(state: dict[str, Any]) -> list[Send] | str:
+        sends = [Send(node, {**_shared(state), **p}) for p in payloads(state)]
+        return sends or otherwise
+
+    return route
+
+
+def join(state: dict[str, Any]) -> dict[str, Any]:
+    """A no-op node where parallel branches meet, so the fan-out after it starts once, not once per branch."""
+    return {}
+
+
+def find_turn(turns: Iterable[Turn], call_id: str | None) -> Turn | None:
+    """The turn (any sample) produced by call `call_id`."""
+    return next((t for t in turns if t["call_id"] == call_id), None) if call_id else None

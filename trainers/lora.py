@@ -74,7 +74,7 @@ def attach_lora(base: str | Any, settings: LoraSettings | None = None, *, dtype:
     model, base_id = _base_model(base, dtype)
     peft_model = get_peft_model(model, (settings or LoraSettings()).to_peft())
     if base_id is not None:
-        peft_model.mlpo_base_model = base_id
+        setattr(peft_model, "mlpo_base_model", base_id)  # noqa: B010 - nn.Module typing
     return peft_model
 
 
@@ -148,5 +148,5 @@ def load_adapter(
             f"{trained_on!r} or train a new adapter for {base_id!r}"
         )
     peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
-    peft_model.mlpo_base_model = trained_on
+    setattr(peft_model, "mlpo_base_model", trained_on)  # noqa: B010 - nn.Module typing
     return peft_model

@@ -151,6 +151,7 @@ def grpo_loss(
     elif aggregation == "sequence":
         loss = (masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     else:
+        assert max_tokens is not None  # checked above
         loss = masked.sum() / (mask.shape[0] * max_tokens)
 
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -178,7 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--params", default=None, help='builder parameters as JSON, e.g. \'{"peers": 2}\'')
     graph.add_argument("--png", default=None)
     graph.set_defaults(func=cmd_graph)
+
+    for module_name in PLUGGED_COMMANDS:
+        importlib.import_module(module_name).add_subcommand(sub)
     return parser
+
+
+# Modules that add their own subcommand with `add_subcommand(subparsers)`. They import heavy
+# dependencies (torch, vllm clients) inside their command functions, so `mlpo --help` stays fast.
+PLUGGED_COMMANDS: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,73 @@
+"""Framework overhead per model call versus a bare litellm call to the same scripted provider.
+
+Measures, side by side in one process, the median wall time of:
+  bare     litellm.acompletion to the scripted provider (the baseline)
+  router   litellm Router.acompletion (what the team config adds: retries, fallbacks)
+  client   ModelClient.acomplete: Router + token parsing + one SQLite trace write
+  graph    a leader_peers episode (3 peers + leader) through LangGraph, per model call, including the
+           episode rows, rewards and trace writes
+Overhead = median(x) - median(bare). Target: graph overhead < 2 ms per call.
+
+    python benchmarks/bench_overhead.py --calls 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from mlpo_agents.models import ModelClient
+from mlpo_agents.runner import run_episode
+from mlpo_agents.graphs import build_topology
+from mlpo_agents.tasks.base import Task
+from mlpo_agents.testing import ScriptedModel, scripted_team
+from mlpo_agents.trace import TraceStore
+
+MESSAGES = [{"role": "user", "content": "What is 17 * 3? Put the answer in <answer></answer>."}]
+
+
+async def timed(fn, calls: int) -> list[float]:
+    for _ in range(10):  # warm-up
+        await fn()
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def main(calls: int) -> None:
+    import litellm
+
+    model = ScriptedModel("bench", "17 * 3 = 51. <answer>51</answer>")
+    team = scripted_team({"leader": model, "peer": model}, params={"peers": 3, "rounds": 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        store = TraceStore(Path(tmp) / "bench.sqlite")
+        client = ModelClient(team, store)
+        task = Task(id="b/0", question="What is 17 * 3?", answer="51", kind="math", meta={})
+        graph = build_topology("leader_peers", peers=3, rounds=1)
+        results = {
+            "bare": await timed(lambda: litellm.acompletion(model="scripted/bench", messages=MESSAGES), calls),
+            "router": await timed(lambda: client.router.acompletion(model="bench", messages=MESSAGES), calls),
+            "client": await timed(lambda: client.acomplete(MESSAGES, role="leader", episode_id="bench"), calls),
+        }
+        episode_times = await timed(
+            lambda: run_episode(graph, team, client, store, task, "bench", ("leader",)), max(calls // 4, 10)
+        )
+        results["graph"] = [t / 4 for t in episode_times]  # 4 model calls per episode
+    base = statistics.median(results["bare"])
+    print(f"{'path':<8} {'median ms/call':>15} {'overhead ms':>12}")
+    for name, times in results.items():
+        med = statistics.median(times)
+        print(f"{name:<8} {med * 1e3:>15.3f} {(med - base) * 1e3:>12.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=300)
+    asyncio.run(main(parser.parse_args().calls))

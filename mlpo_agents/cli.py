@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand with `add_subcommand(subparsers)`. They import heavy
 # dependencies (torch, vllm clients) inside their command functions, so `mlpo --help` stays fast.
-PLUGGED_COMMANDS: tuple[str, ...] = ()
+PLUGGED_COMMANDS: tuple[str, ...] = ("mlpo_agents.evaluate",)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,13 @@ Layer 0: N proposers (`proposer-1..N`) answer the question. Layer l > 0: every p
 answers of layer l-1 and writes an improved one. Finally an `aggregator` reads the last layer and
 writes the team's answer. Trace: proposer calls have round = layer; the aggregator is recorded at
 round = layers. `aggregator_samples` = G draws G aggregator samples (one GRPO group); the answer is
-sample 0's. Run it from the repo root:
+sample 0's. Run it from the repo root (the module must be importable, hence PYTHONPATH=.):
 
-    PYTHONPATH=. mlpo run --topology examples.mixture_of_agents:build_mixture_of_agents \\
+    PYTHONPATH=. mlpo run --team examples/mixture_of_agents.yaml --task arithmetic --limit 2
+    PYTHONPATH=. mlpo run --team my_team.yaml --topology examples.mixture_of_agents:build_mixture_of_agents \\
         --param proposers=3 --param layers=2
 
-(the team config needs roles `proposer` and `aggregator`).
+A team for it needs roles `proposer` and `aggregator` (see examples/mixture_of_agents.yaml).
 """
 
 from __future__ import annotations

@@ -30,14 +30,17 @@ from mlpo_agents.trace import TraceStore
 MESSAGES = [{"role": "user", "content": "What is 17 * 3? Put the answer in <answer></answer>."}]
 
 
-async def timed(fn, calls: int) -> list[float]:
-    for _ in range(10):  # warm-up
-        await fn()
-    out = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        await fn()
-        out.append(time.perf_counter() - t0)
+async def interleaved(paths: dict, rounds: int) -> dict[str, list[float]]:
+    """Time every path once per round, in turn, so machine load drifts hit all paths alike."""
+    for fn in paths.values():  # warm-up
+        for _ in range(5):
+            await fn()
+    out: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            await fn()
+            out[name].append(time.perf_counter() - t0)
     return out
 
 
@@ -46,22 +49,24 @@ async def main(calls: int) -> None:
 
     model = ScriptedModel("bench", "17 * 3 = 51. <answer>51</answer>")
     team = scripted_team({"leader": model, "peer": model}, params={"peers": 3, "rounds": 1})
+    same_request = {"logprobs": True, "extra_body": {"return_token_ids": True}, "temperature": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         store = TraceStore(Path(tmp) / "bench.sqlite")
         client = ModelClient(team, store)
         task = Task(id="b/0", question="What is 17 * 3?", answer="51", kind="math", meta={})
         graph = build_topology("leader_peers", peers=3, rounds=1)
-        results = {
-            "bare": await timed(lambda: litellm.acompletion(model="scripted/bench", messages=MESSAGES), calls),
-            "router": await timed(lambda: client.router.acompletion(model="bench", messages=MESSAGES), calls),
-            "client": await timed(lambda: client.acomplete(MESSAGES, role="leader", episode_id="bench"), calls),
-        }
-        episode_times = await timed(
-            lambda: run_episode(graph, team, client, store, task, "bench", ("leader",)), max(calls // 4, 10)
+        results = await interleaved(
+            {
+                "bare": lambda: litellm.acompletion(model="scripted/bench", messages=MESSAGES, **same_request),
+                "router": lambda: client.router.acompletion(model="bench", messages=MESSAGES, **same_request),
+                "client": lambda: client.acomplete(MESSAGES, role="leader", episode_id="bench"),
+                "graph": lambda: run_episode(graph, team, client, store, task, "bench", ("leader",)),
+            },
+            calls,
         )
-        results["graph"] = [t / 4 for t in episode_times]  # 4 model calls per episode
+        results["graph"] = [t / 4 for t in results["graph"]]  # 4 model calls per episode
     base = statistics.median(results["bare"])
-    print(f"{'path':<8} {'median ms/call':>15} {'overhead ms':>12}")
+    print(f"{'path':<8} {'median ms/call':>15} {'overhead ms':>12}   ({calls} rounds, interleaved)")
     for name, times in results.items():
         med = statistics.median(times)
         print(f"{name:<8} {med * 1e3:>15.3f} {(med - base) * 1e3:>12.3f}")
@@ -69,5 +74,5 @@ async def main(calls: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=200, help="rounds; each round times every path once")
     asyncio.run(main(parser.parse_args().calls))

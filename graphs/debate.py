@@ -52,6 +52,10 @@ def debater_prompt(state: dict[str, Any], agent: str, ctx: TeamContext) -> list[
     if state.get("round", 0) == 0 or not (others or mine):
         return user(f"{question}\n\n{ctx.instruction}")
     own = f"Your previous answer:\n{mine['text'].strip()}\n\n" if mine else ""
+    if not others:  # a debate of one (or everyone else failed so far): self-reflection
+        return user(
+            f"{question}\n\n{own}Examine your answer step by step and give an updated answer. {ctx.instruction}"
+        )
     listed = "\n\n".join(f"[{t['agent']}]\n{t['text'].strip()}" for t in others)
     return user(
         f"{question}\n\n{own}Answers from the other agents:\n\n{listed}\n\n"

@@ -81,6 +81,15 @@ def test_rounds_counts_round_zero(tmp_path):
         assert {c.round for c in store.calls()} == set(range(rounds))
 
 
+def test_a_debate_of_one_is_self_reflection(store):
+    model = ScriptedModel("d10", "<answer>4</answer>")
+    run(scripted_team({"debater": model}, topology="debate", params={"agents": 1, "rounds": 2}), store)
+    assert model.prompts[1].startswith(
+        "What is 2+2?\n\nYour previous answer:\n<answer>4</answer>\n\nExamine your answer step by step"
+    )
+    assert "other agents" not in model.prompts[1]
+
+
 def test_majority_vote_over_the_last_round(store):
     replies = iter(
         ["<answer>1</answer>"] * 3 + ["<answer>5</answer>", "<answer>4</answer>", "<answer>4</answer>"]

@@ -23,6 +23,7 @@ shape as litellm's ``hosted_vllm/`` with ``return_token_ids`` and ``logprobs``:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import copy
 import os
@@ -30,6 +31,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,6 +160,7 @@ class LocalEngine:
         self._reset_batch()
         self._thread = threading.Thread(target=self._worker, name=f"LocalEngine[{self.spec}]", daemon=True)
         self._thread.start()
+        _live_engines.add(self)
 
     # ------------------------------------------------------------------------------------------- public API
 
@@ -223,6 +226,8 @@ class LocalEngine:
 
     def close(self) -> None:
         """Stop the worker; pending requests fail with RuntimeError."""
+        if self._closed:
+            return
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=30)
@@ -251,7 +256,9 @@ class LocalEngine:
                 item = self._queue.get(block=block)
                 while True:
                     if item is None:
-                        self._fail_all(waiting, RuntimeError("LocalEngine closed"))
+                        running = [row.request for row in self._rows]
+                        self._fail_all(waiting + running, RuntimeError("LocalEngine closed"))
+                        self._reset_batch()
                         return
                     if item is not _WAKE:
                         waiting.append(item)
@@ -518,6 +525,14 @@ class LocalEngine:
 
 
 _WAKE = object()
+_live_engines: weakref.WeakSet[LocalEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    # Stop worker threads before interpreter teardown (a daemon thread killed inside torch aborts the process).
+    for engine in list(_live_engines):
+        engine.close()
 
 
 def _growing_layer_class() -> type:

@@ -23,10 +23,11 @@ def _team(args: argparse.Namespace) -> Any:
 
     team = load_team(args.team) if args.team else default_team()
     updates: dict[str, Any] = {}
-    if getattr(args, "topology", None):
-        updates["topology"] = args.topology
+    params = dict(team.params)
+    if getattr(args, "topology", None) and args.topology != team.topology:
+        # The team's params belong to its own topology; the new one starts from its defaults.
+        updates["topology"], updates["params"], params = args.topology, {}, {}
     if getattr(args, "param", None):
-        params = dict(team.params)
         for item in args.param:
             key, _, value = item.partition("=")
             if not _:
@@ -60,8 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"team {team.name} ({team.topology}, {team.params}) on {args.task}: {len(tasks)} questions, "
           f"traces -> {args.traces}", file=sys.stderr)
     try:
+        checkpoints = f"{args.traces}.checkpoints" if args.checkpoint else None
         summary = asyncio.run(run_team(team, tasks, store, task_name=args.task, client=client,
-                                       concurrency=args.concurrency, resume=args.resume, stream=stream))
+                                       concurrency=args.concurrency, resume=args.resume, stream=stream,
+                                       checkpoints=checkpoints))
     except KeyboardInterrupt:
         print(f"interrupted: finished episodes are in {args.traces}; rerun with --resume to continue", file=sys.stderr)
         return 130
@@ -161,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=int, default=4, help="episodes in flight at once")
     run.add_argument("--traces", default=DEFAULT_TRACES, help="trace store (SQLite path)")
     run.add_argument("--resume", action="store_true", help="skip task rows already finished in --traces")
+    run.add_argument("--checkpoint", action="store_true",
+                     help="checkpoint every graph step (SQLite) so --resume continues interrupted episodes")
     run.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="local engine dtype")
     run.add_argument("--verbose", action="store_true", help="stream every agent's output as it arrives")
     run.set_defaults(func=cmd_run)

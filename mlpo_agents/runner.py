@@ -11,9 +11,10 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from mlpo_agents.config import TeamConfig
+from mlpo_agents.config import ConfigError, TeamConfig
 from mlpo_agents.graphs import build_topology
 from mlpo_agents.graphs.state import TeamContext
 from mlpo_agents.models import ModelClient
@@ -63,18 +64,26 @@ def score_answer(task: Task, answer: str | None) -> float:
 async def run_episode(
     graph: Any, team: TeamConfig, client: ModelClient, store: TraceStore, task: Task, task_name: str,
     score_roles: Sequence[str], stream: Callable[[str, dict[str, Any]], None] | None = None,
+    episode_id: str | None = None,
 ) -> EpisodeResult:
-    """Run the team on one task row and record the episode, its calls, rewards and failures."""
-    episode = Episode(new_id(), task_name, task.id, team.name, team.topology, meta={"params": team.params})
+    """Run the team on one task row and record the episode, its calls, rewards and failures.
+
+    With `episode_id` of an unfinished episode and a graph compiled with a checkpointer, the episode
+    continues from its last checkpoint instead of starting over.
+    """
+    episode = Episode(episode_id or new_id(), task_name, task.id, team.name, team.topology,
+                      meta={"params": team.params})
     store.append(episode)
     ctx = TeamContext(client=client, task=task, instruction=answer_prompt(task))
     config = {"configurable": {"episode_id": episode.episode_id, "thread_id": episode.episode_id}}
-    inputs = {"question": task.question, "round": 0, "turns": [], "failures": []}
+    inputs: dict[str, Any] | None = {"question": task.question, "round": 0, "turns": [], "failures": []}
+    if episode_id is not None and graph.checkpointer is not None and (await graph.aget_state(config)).next:
+        inputs = None  # continue the interrupted episode from its checkpoint
     try:
         if stream is None:
             state = await graph.ainvoke(inputs, config=config, context=ctx)
         else:
-            state = dict(inputs)
+            state = dict(inputs or {})
             async for chunk in graph.astream(inputs, config=config, context=ctx, stream_mode=["updates", "values"]):
                 mode, payload = chunk
                 if mode == "updates":
@@ -82,6 +91,8 @@ async def run_episode(
                         stream(episode.episode_id, {"node": node, **(update or {})})
                 else:
                     state = payload
+    except ConfigError:
+        raise  # misuse (a role the team does not map): stop the run with the fix, not N failed episodes
     except Exception as e:  # noqa: BLE001 - an episode crash is recorded; the run goes on
         episode.status, episode.finished_at = "failed", time.time()
         store.append([Failure(episode.episode_id, "graph", "", "", -1, type(e).__name__, str(e)[:500]), episode])
@@ -113,14 +124,35 @@ async def run_team(
     score_roles: Sequence[str] | None = None,
     stream: Callable[[str, dict[str, Any]], None] | None = None,
     graph: Any = None,
+    checkpoints: str | Path | None = None,
 ) -> RunSummary:
-    """Run `team` over `tasks` with at most `concurrency` episodes in flight."""
+    """Run `team` over `tasks` with at most `concurrency` episodes in flight.
+
+    `checkpoints` is a SQLite file for LangGraph checkpoints: with it, `resume=True` continues
+    interrupted multi-round episodes from their last finished step instead of restarting them.
+    """
+    if checkpoints is None:
+        return await _run_team(team, tasks, store, task_name, client, concurrency, resume, progress,
+                               score_roles, stream, graph or build_topology(team.topology, **team.params))
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    async with AsyncSqliteSaver.from_conn_string(str(checkpoints)) as saver:
+        graph = build_topology(team.topology, checkpointer=saver, **team.params)
+        return await _run_team(team, tasks, store, task_name, client, concurrency, resume, progress,
+                               score_roles, stream, graph)
+
+
+async def _run_team(
+    team: TeamConfig, tasks: Sequence[Task], store: TraceStore, task_name: str, client: ModelClient | None,
+    concurrency: int, resume: bool, progress: bool, score_roles: Sequence[str] | None,
+    stream: Callable[[str, dict[str, Any]], None] | None, graph: Any,
+) -> RunSummary:
     if concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be >= 1")
-    graph = graph if graph is not None else build_topology(team.topology, **team.params)
     client = client or ModelClient(team, store)
     roles = tuple(score_roles) if score_roles is not None else tuple(team.trainable_roles() or ["leader"])
     done_ids = store.finished_task_ids(task_name, team.name) if resume else set()
+    unfinished = store.unfinished_episodes(task_name, team.name) if resume and graph.checkpointer else {}
     todo = [t for t in tasks if t.id not in done_ids]
     summary = RunSummary(skipped=len(tasks) - len(todo))
     bar = _progress(len(todo), progress)
@@ -130,7 +162,8 @@ async def run_team(
 
     async def one(task: Task) -> None:
         async with gate:
-            result = await run_episode(graph, team, client, store, task, task_name, roles, stream)
+            result = await run_episode(graph, team, client, store, task, task_name, roles, stream,
+                                       episode_id=unfinished.get(task.id))
         summary.results.append(result)
         summary.episodes += result.status != "failed"
         summary.correct += result.reward

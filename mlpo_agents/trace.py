@@ -251,6 +251,16 @@ class TraceStore:
             ).fetchall()
         return {r[0] for r in rows}
 
+    def unfinished_episodes(self, task: str, team: str) -> dict[str, str]:
+        """task_id -> id of its latest episode that never finished (running or failed): what checkpoints resume."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id, episode_id FROM episodes WHERE task = ? AND team = ? "
+                "AND status IN ('running', 'failed') ORDER BY rowid",
+                (task, team),
+            ).fetchall()
+        return dict(rows)
+
     def iter_events(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every event as (kind, dict), kinds in table order: episodes, calls, rewards, failures."""
         for cls, table in _TABLES.items():

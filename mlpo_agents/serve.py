@@ -525,11 +525,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `mlpo serve` on the CLI's subparsers (see `PLUGGED_COMMANDS` in cli.py)."""
+    parser = subparsers.add_parser(
+        "serve", help="start vLLM servers for a team and print the team routed to them"
+    )
+    add_serve_arguments(parser)
+    parser.set_defaults(func=serve_main)
+    return parser
+
+
 def serve_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     """`mlpo serve --team team.yaml`: start the team's vLLM servers, print the routed team, serve until Ctrl-C."""
     import yaml
 
     from mlpo_agents.config import load_team
+    from mlpo_agents.zoo import ModelNotAvailableError
 
     if args is None or not isinstance(args, argparse.Namespace):
         args = add_serve_arguments(argparse.ArgumentParser(prog="mlpo serve")).parse_args(args)
@@ -571,7 +582,7 @@ def serve_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 0
-    except (VLLMNotInstalledError, VLLMServerError, ConfigError) as e:
+    except (VLLMNotInstalledError, VLLMServerError, ConfigError, ModelNotAvailableError) as e:
         print(f"mlpo serve: {e}", file=sys.stderr)
         return 2
     finally:

@@ -206,3 +206,21 @@ def live_processes_in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             live.append(int(stat.parent.name))
     return live
+
+
+def test_serve_subcommand_parses_into_serve_main():
+    import argparse
+
+    from mlpo_agents import serve
+
+    parser = argparse.ArgumentParser(prog="mlpo")
+    serve.add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--team", "tiny", "--no-lora", "--out", "routed.yaml"])
+    assert args.func is serve.serve_main
+    assert (args.team, args.lora, args.out, args.max_lora_rank, args.timeout) == (
+        "tiny",
+        False,
+        "routed.yaml",
+        16,
+        600.0,
+    )

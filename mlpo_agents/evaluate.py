@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -371,7 +372,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def run_eval(args: argparse.Namespace) -> EvalReport:
     """Run every team on every task (skipping finished rows with --resume) and write the reports."""
-    from mlpo_agents.models import preflight
+    from mlpo_agents.models import ModelClient, preflight
     from mlpo_agents.trace import open_store
 
     if args.concurrency < 1:
@@ -408,10 +409,44 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
         seed=args.seed,
         teams={},
     )
+    clients = {}
+    for team in teams:
+        client = ModelClient(team, store)
+        if args.adapter:
+            version = apply_adapter(team, client, args.adapter)
+            team = team.model_copy(update={"name": f"{team.name}+{version}"})
+            client.team = team
+        clients[team.name] = (team, client)
+        report.teams[team.name] = {
+            "topology": team.topology,
+            "params": team.params,
+            "adapter": args.adapter,
+            "models": sorted({d["litellm_params"]["model"] for d in team.model_list}),
+        }
+    running: dict[tuple[str, str], float] = {}  # the cell in progress -> its start time
     start = time.perf_counter()
     try:
-        asyncio.run(_run_cells(args, teams, tasks, store, report, previous))
+        asyncio.run(_run_cells(args, clients, tasks, store, report, previous, running))
     finally:
+        # An interrupted run still reports every cell from what the store holds (partial cells included).
+        order = {(team_name, label): i for i, (label, team_name) in enumerate(product(tasks, clients))}
+        have = {(c.team, c.task) for c in report.cells}
+        for team_name, label in order:
+            if (team_name, label) in have:
+                continue
+            elapsed = (
+                time.perf_counter() - running[team_name, label] if (team_name, label) in running else 0.0
+            )
+            cell = cell_from_store(
+                store,
+                team_name,
+                label,
+                [r.id for r in tasks[label]],
+                previous.get((team_name, label), 0.0) + elapsed,
+            )
+            if cell.n or cell.failed:
+                report.cells.append(cell)
+        report.cells.sort(key=lambda c: order[c.team, c.task])
         report.wall_s = sum(c.wall_s for c in report.cells) if args.resume else time.perf_counter() - start
         if report.cells:
             write_reports(report, out_dir, plots=not args.no_plots)
@@ -420,30 +455,23 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
 
 async def _run_cells(
     args: argparse.Namespace,
-    teams: list[Any],
+    clients: dict[str, tuple[Any, Any]],
     tasks: dict[str, list[Any]],
     store: Any,
     report: EvalReport,
     previous: dict[tuple[str, str], float],
+    running: dict[tuple[str, str], float],
 ) -> None:
-    """Every team on every task in one event loop (the Router and engines outlive a single cell)."""
-    from mlpo_agents.models import ModelClient
+    """Task by task, every team on it, in one event loop (the Router and engines outlive a cell).
+
+    Task-major order puts the teams side by side early: an interrupted run can still compare them.
+    """
     from mlpo_agents.runner import run_team
 
-    for team in teams:
-        client = ModelClient(team, store)
-        if args.adapter:
-            version = await asyncio.to_thread(apply_adapter, team, client, args.adapter)
-            team = team.model_copy(update={"name": f"{team.name}+{version}"})
-            client.team = team
-        report.teams[team.name] = {
-            "topology": team.topology,
-            "params": team.params,
-            "adapter": args.adapter,
-            "models": sorted({d["litellm_params"]["model"] for d in team.model_list}),
-        }
-        for label, rows in tasks.items():
+    for label, rows in tasks.items():
+        for team, client in clients.values():
             print(f"[{team.name} × {label}] {len(rows)} questions", file=sys.stderr)
+            running[team.name, label] = time.perf_counter()
             summary = await run_team(
                 team,
                 rows,
@@ -454,6 +482,7 @@ async def _run_cells(
                 resume=args.resume,
                 progress=not args.quiet,
             )
+            del running[team.name, label]
             wall = previous.get((team.name, label), 0.0) + summary.wall_s
             cell = cell_from_store(store, team.name, label, [r.id for r in rows], wall)
             report.cells.append(cell)

@@ -124,3 +124,20 @@ def test_bad_task_name_lists_the_valid_names_before_running_anything(tmp_path, c
 
     assert main(eval_args(tmp_path, "--teams", "tiny,nosuchteam", "--tasks", "gsm8k")) == 2
     assert "built-in teams:" in capsys.readouterr().err
+
+
+def test_adapter_serves_the_trainable_role_and_renames_the_team(tmp_path):
+    from mlpo_agents.evaluate import adapter_label
+    from mlpo_agents.trainers.lora import LoraSettings, attach_lora, save_adapter
+
+    folder = save_adapter(
+        attach_lora("tiny-test", LoraSettings(r=2, alpha=4)), tmp_path / "trained" / "adapter"
+    )
+    args = ["--teams", "tiny", "--tasks", "arithmetic", "--limit", "1", "--max-tokens", "2", "--no-plots"]
+    assert main(eval_args(tmp_path, *args, "--adapter", str(folder))) == 0
+
+    label = adapter_label(folder)
+    assert label == "trained-adapter" and set(cells(tmp_path)) == {("tiny+trained-adapter", "arithmetic")}
+    calls = TraceStore(tmp_path / "e" / "traces.sqlite").calls()
+    assert {c.version for c in calls if c.role == "leader"} == {label}
+    assert {c.version for c in calls if c.role == "peer"} == {"base"}  # frozen peers keep the base weights

@@ -15,8 +15,10 @@ set here when `enable_lora=True`); the adapter is then served as its own model n
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -367,16 +369,23 @@ def weights_folder(spec: str) -> Path:
 
     canon = zoo.canonical_spec(spec)
     if canon == zoo.TINY_TEST:
-        folder = zoo.cache_dir() / "models" / zoo.TINY_TEST
-        if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
-            # Written to a temporary sibling, then renamed: a half-written folder is never served.
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tiny-test-", dir=folder.parent))
-            zoo.save_tiny_test(tmp)
+        # Rebuilt on every call (< 1 s) and cached under a hash of its files, so a change to tiny-test in
+        # zoo.py can never leave vLLM serving stale weights that differ from the in-process engine's.
+        root = zoo.cache_dir() / "models"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-test-", dir=root))
+        zoo.save_tiny_test(tmp)
+        digest = hashlib.sha256()
+        for file in sorted(tmp.iterdir()):
+            digest.update(file.name.encode() + file.read_bytes())
+        folder = root / f"{zoo.TINY_TEST}-{digest.hexdigest()[:12]}"
+        if folder.exists():
+            shutil.rmtree(tmp)
+        else:
             try:
-                tmp.rename(folder)
-            except OSError:  # another process won the race; its folder is identical
-                pass
+                tmp.rename(folder)  # atomic: a half-written folder is never served
+            except OSError:  # another process won the race; its folder holds the same bytes
+                shutil.rmtree(tmp, ignore_errors=True)
         return folder
     if canon == zoo.SMOLLM2:
         return zoo.smollm2_folder()

@@ -8,6 +8,7 @@ from typing import Any
 
 from langgraph.graph.state import CompiledStateGraph
 
+from mlpo_agents.graphs.cooperate import build_cooperate
 from mlpo_agents.graphs.debate import build_debate
 from mlpo_agents.graphs.gvr import build_gvr
 from mlpo_agents.graphs.leader_peers import build_leader_peers
@@ -16,6 +17,7 @@ TOPOLOGIES: dict[str, Callable[..., CompiledStateGraph]] = {
     "leader_peers": build_leader_peers,
     "gvr": build_gvr,
     "debate": build_debate,
+    "cooperate": build_cooperate,
 }
 
 

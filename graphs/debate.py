@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
 
 from mlpo_agents.graphs.nodes import (
     agent_ids,
@@ -37,7 +36,7 @@ from mlpo_agents.graphs.nodes import (
     user,
     vote,
 )
-from mlpo_agents.graphs.state import TeamContext, TeamState
+from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState
 
 ROLES = ("debater", "judge")
 
@@ -115,7 +114,7 @@ def build_debate(
     checkpointer: Any = None,
     samples: int | None = None,
     judge_samples: int | None = None,
-) -> CompiledStateGraph:
+) -> TeamGraph:
     """N debaters for `rounds` rounds (round 0 included), then a majority vote or a judge."""
     require(agents >= 1, f"agents={agents}: a debate needs at least 1 agent (set agents >= 1, e.g. 3)")
     require(

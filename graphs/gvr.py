@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from langgraph.graph import END, START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
 from mlpo_agents.graphs.nodes import (
@@ -37,7 +36,7 @@ from mlpo_agents.graphs.nodes import (
     user,
     vote,
 )
-from mlpo_agents.graphs.state import TeamContext, TeamState, Turn
+from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
 
 ROLES = ("generator", "verifier", "refiner")
 
@@ -137,7 +136,7 @@ def build_gvr(
     verifier_samples: int | None = None,
     refiner_samples: int | None = None,
     tree: bool = False,
-) -> CompiledStateGraph:
+) -> TeamGraph:
     """M generator → verifier → refiner chains, then a majority vote over the refined answers."""
     require(chains >= 1, f"chains={chains}: GVR needs at least 1 chain (set chains >= 1)")
     for name, n in (

@@ -12,10 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 from langgraph.graph import START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
 
-from mlpo_agents.graphs.nodes import agent_ids, agent_node, fan_out, latest, require, round_loop, turns_of, user
-from mlpo_agents.graphs.state import TeamContext, TeamState
+from mlpo_agents.graphs.nodes import (
+    agent_ids,
+    agent_node,
+    fan_out,
+    latest,
+    require,
+    round_loop,
+    turns_of,
+    user,
+)
+from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState
 
 ROLES = ("leader", "peer")
 
@@ -54,7 +62,7 @@ def leader_done(state: dict[str, Any]) -> dict[str, Any]:
 
 def build_leader_peers(
     peers: int = 3, rounds: int = 1, leader_samples: int | None = None, checkpointer: Any = None
-) -> CompiledStateGraph:
+) -> TeamGraph:
     """K peers → leader, repeated for `rounds` rounds."""
     require(peers >= 0, f"peers={peers}: the number of peers must be >= 0 (0 is a solo leader)")
     require(rounds >= 1, f"rounds={rounds}: a team needs at least 1 round")

@@ -174,6 +174,9 @@ def join(state: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def find_turn(turns: Iterable[Turn], call_id: str | None) -> Turn | None:
-    """The turn (any sample) produced by call `call_id`."""
-    return next((t for t in turns if t["call_id"] == call_id), None) if call_id else None
+def find_turn(turns: Iterable[Turn], call_id: str | None) -> Turn:
+    """The turn (any sample) produced by call `call_id`; a missing one is a bug in the topology."""
+    found = next((t for t in turns if t["call_id"] == call_id), None) if call_id else None
+    if found is None:
+        raise KeyError(f"no turn with call id {call_id!r} in the state")
+    return found

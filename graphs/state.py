@@ -11,9 +11,15 @@ import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
+from langgraph.graph.state import CompiledStateGraph
+
 if TYPE_CHECKING:
     from mlpo_agents.models import ModelClient
     from mlpo_agents.tasks.base import Task
+
+
+TeamGraph = CompiledStateGraph[Any, Any, Any, Any]
+"""What every topology builder returns: a compiled LangGraph graph with a TeamContext runtime context."""
 
 
 class Turn(TypedDict):

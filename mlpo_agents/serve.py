@@ -439,9 +439,17 @@ def _servable(dep: dict[str, Any]) -> tuple[str, int | None] | None:
     api_base = params.get("api_base")
     if model.startswith("hosted_vllm/") and base and api_base:
         url = urlparse(api_base)
-        if url.hostname in LOOPBACK and url.port:
+        if url.hostname in LOOPBACK and url.port and not _answers(f"http://{url.netloc}/health"):
             return str(base), url.port
     return None
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
 
 
 def serve_team(
@@ -457,7 +465,8 @@ def serve_team(
     """Start one vLLM server per distinct local weights of `team` and return it routed to them.
 
     `local/<spec>` deployments become `hosted_vllm/<served name>` at a free loopback port;
-    `hosted_vllm` deployments on a loopback port with `model_info.base_model` get a server on that port.
+    `hosted_vllm` deployments on a loopback port with `model_info.base_model` get a server on that port
+    unless a server already answers there. Other deployments are left as they are.
     LoRA is enabled when any role is trainable unless `enable_lora` says otherwise.
     """
     from mlpo_agents import zoo

@@ -224,3 +224,28 @@ def test_serve_subcommand_parses_into_serve_main():
         16,
         600.0,
     )
+
+
+def test_serve_team_picks_local_and_loopback_vllm_deployments_only():
+    from mlpo_agents import serve
+    from mlpo_agents.config import ConfigError
+
+    def dep(model, **params):
+        info = params.pop("model_info", None)
+        return {"model_name": "m", "litellm_params": {"model": model, **params}, "model_info": info}
+
+    assert serve._servable(dep("local/tiny-test")) == ("tiny-test", None)
+    loopback = dep(
+        "hosted_vllm/smollm2-135m", api_base="http://127.0.0.1:1/v1", model_info={"base_model": "smollm2"}
+    )
+    assert serve._servable(loopback) == ("smollm2", 1)
+    assert (
+        serve._servable(
+            dep("hosted_vllm/x", api_base="http://10.1.2.3:8000/v1", model_info={"base_model": "x"})
+        )
+        is None
+    )
+    assert serve._servable(dep("hosted_vllm/x", api_base="http://127.0.0.1:8000/v1")) is None  # no base_model
+    assert serve._servable(dep("openai/gpt-4o-mini")) is None
+    with pytest.raises(ConfigError, match="load_lora"):
+        serve._servable(dep("local/tiny-test@v3"))

@@ -32,9 +32,9 @@ def build_prompts(n_requests: int, data: Path) -> list[list[dict[str, str]]]:
     ]
 
 
-def bench_generate(model, tokenizer, prompts, max_tokens: int) -> tuple[int, float]:
-    """Plain transformers generate, one request at a time."""
-    total, start = 0, time.perf_counter()
+def bench_generate(model, tokenizer, prompts, max_tokens: int) -> tuple[int, float, float]:
+    """Plain transformers generate, one request at a time: (tokens, wall seconds, CPU seconds)."""
+    total, start, cpu_start = 0, time.perf_counter(), time.process_time()
     for messages in prompts:
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -42,16 +42,16 @@ def bench_generate(model, tokenizer, prompts, max_tokens: int) -> tuple[int, flo
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
         total += out.shape[1] - ids["input_ids"].shape[1]
-    return total, time.perf_counter() - start
+    return total, time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def bench_engine(engine: LocalEngine, prompts, max_tokens: int) -> tuple[int, float]:
-    """All requests submitted at once to the continuous-batching engine."""
-    start = time.perf_counter()
+def bench_engine(engine: LocalEngine, prompts, max_tokens: int) -> tuple[int, float, float]:
+    """All requests submitted at once to the continuous-batching engine: (tokens, wall s, CPU s)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     futures = [engine.submit(m, max_tokens=max_tokens, temperature=0) for m in prompts]
     results = [f.result() for f in futures]
-    elapsed = time.perf_counter() - start
-    return sum(len(r.samples[0].token_ids) for r in results), elapsed
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return sum(len(r.samples[0].token_ids) for r in results), elapsed, cpu
 
 
 def main() -> None:
@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument(
+        "--baseline-requests", type=int, default=None, help="time the baseline on the first N only"
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="intra-op threads (engine worker and baseline)"
     )
     args = parser.parse_args()
@@ -72,10 +75,11 @@ def main() -> None:
         args.spec, dtype=args.dtype, max_batch_size=max(32, args.requests), num_threads=args.threads
     )
     engine.generate(prompts[0], max_tokens=4, temperature=0)  # warm-up
-    tokens, seconds = bench_engine(engine, prompts, args.max_tokens)
+    tokens, seconds, cpu = bench_engine(engine, prompts, args.max_tokens)
     engine_tps = tokens / seconds
     print(
-        f"engine   {args.dtype}: {tokens} tokens in {seconds:.1f} s = {engine_tps:.1f} tok/s ({args.requests} concurrent)",
+        f"engine   {args.dtype}: {tokens} tokens in {seconds:.1f} s = {engine_tps:.1f} tok/s ({args.requests} concurrent); "
+        f"{tokens / cpu:.1f} tok per CPU-second",
         flush=True,
     )
     engine.close()
@@ -85,14 +89,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = zoo.resolve(args.spec, dtype="float32")
     bench_generate(model, tokenizer, prompts[:1], 4)  # warm-up
-    base_tokens, base_seconds = bench_generate(model, tokenizer, prompts, args.max_tokens)
+    base_tokens, base_seconds, base_cpu = bench_generate(
+        model, tokenizer, prompts[: args.baseline_requests], args.max_tokens
+    )
     base_tps = base_tokens / base_seconds
     print(
-        f"generate float32 one at a time: {base_tokens} tokens in {base_seconds:.1f} s = {base_tps:.1f} tok/s",
+        f"generate float32 one at a time: {base_tokens} tokens in {base_seconds:.1f} s = {base_tps:.1f} tok/s; "
+        f"{base_tokens / base_cpu:.1f} tok per CPU-second",
         flush=True,
     )
     print(
-        f"ratio engine({args.dtype}) / generate(float32, 1 stream): {engine_tps / base_tps:.2f}x", flush=True
+        f"ratio engine({args.dtype}) / generate(float32, 1 stream): {engine_tps / base_tps:.2f}x wall, "
+        f"{(tokens / cpu) / (base_tokens / base_cpu):.2f}x per CPU-second (robust on a shared machine)",
+        flush=True,
     )
 
 

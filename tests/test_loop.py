@@ -1,0 +1,230 @@
+"""Training-loop infrastructure: logger + curves, atomic/verified checkpoints, `mlpo train` CLI, policy_update."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mlpo_agents.trainers.loop import Checkpointer, CheckpointError, TrainLogger, config_from_args, rng_state
+from mlpo_agents.trainers.lora import LoraSettings, attach_lora
+from mlpo_agents.trainers.update import policy_update
+
+
+def small_lora(seed=0):
+    torch.manual_seed(seed)
+    model = attach_lora("tiny-test", LoraSettings(r=4, alpha=8))
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def synthetic_batch():
+    from tests.ddp_update_script import synthetic_batch as make
+
+    return make()
+
+
+def lora_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_logger_writes_jsonl_tensorboard_and_curves(tmp_path):
+    logger = TrainLogger(tmp_path, {"lr": 1e-4})
+    for step in range(1, 4):
+        logger.log(step, {"reward/mean": step / 4, "loss": 0.1, "version": f"step-{step}"})
+    logger.log(3, {"eval/team_accuracy": 0.5})
+    plot = logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[0]["version"] == "step-1"
+    assert plot is not None and plot.stat().st_size > 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 1e-4}
+    resumed = TrainLogger(tmp_path, resume=True)
+    resumed.truncate(2)
+    assert [r["step"] for r in resumed.history] == [1, 2]
+    resumed.close()
+
+
+def test_checkpoint_roundtrip_restores_adapter_optimizer_and_rng(tmp_path):
+    model, optimizer = small_lora()
+    policy_update(model, optimizer, synthetic_batch(), micro_batch_size=3, aggregation="token")
+    checkpointer = Checkpointer(tmp_path, every=1)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    folder = checkpointer.save(
+        3, model=model, optimizer=optimizer, state={"cursor": 12}, base_model="tiny-test"
+    )
+    ckpt = checkpointer.latest()
+    assert ckpt.folder == folder and ckpt.step == 3 and ckpt.state == {"cursor": 12}
+    assert (ckpt.adapter / "adapter_config.json").is_file()
+    assert ckpt.optimizer_state()["state"], "optimizer moments are saved"
+    random.seed(0)
+    from mlpo_agents.trainers.loop import set_rng_state
+
+    set_rng_state(ckpt.rng())
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert set(rng_state()) == {"python", "numpy", "torch"}
+
+
+def test_corrupted_checkpoint_is_a_clear_error_and_the_previous_one_stays(tmp_path):
+    model, optimizer = small_lora()
+    checkpointer = Checkpointer(tmp_path, every=2, keep=3)
+    good = checkpointer.save(2, model=model, optimizer=optimizer, state={}, base_model="tiny-test")
+    bad = checkpointer.save(4, model=model, optimizer=optimizer, state={}, base_model="tiny-test")
+    (tmp_path / "checkpoints" / ".step-000006.tmp-crashed").mkdir()  # a crash mid-save: ignored
+    with open(bad / "optimizer.pt", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(
+        CheckpointError, match=r"step-000004 is corrupted \(optimizer.pt does not match.*step-000002"
+    ):
+        checkpointer.latest()
+    assert checkpointer.load(good).step == 2
+    (bad / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="adapter/adapter_model.safetensors is missing"):
+        checkpointer.load(bad)
+
+
+def test_checkpointer_keeps_the_last_n(tmp_path):
+    model, optimizer = small_lora()
+    checkpointer = Checkpointer(tmp_path, every=1, keep=2)
+    for step in (1, 2, 3):
+        checkpointer.save(step, model=model, optimizer=optimizer, state={}, base_model="tiny-test")
+    assert [p.name for p in checkpointer.complete()] == ["step-000002", "step-000003"]
+    assert checkpointer.due(4) and not Checkpointer(tmp_path, every=0).due(4)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "dr_grpo"])
+def test_micro_batches_accumulate_to_the_full_batch_gradient(aggregation):
+    results = []
+    for micro in (6, 4, 1):
+        model, optimizer = small_lora()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        metrics = policy_update(
+            model,
+            optimizer,
+            synthetic_batch(),
+            micro_batch_size=micro,
+            max_grad_norm=None,
+            aggregation=aggregation,
+            max_tokens=8,
+        )
+        results.append((lora_state(model), metrics))
+    (full, m_full), *others = results
+    for weights, metrics in others:
+        for key in full:
+            torch.testing.assert_close(weights[key], full[key], rtol=1e-4, atol=1e-6)
+        assert metrics["loss"] == pytest.approx(m_full["loss"], rel=1e-4, abs=1e-6)
+    assert m_full["trained_tokens"] == 6 * 7 and m_full["tokens_per_s"] > 0
+    assert any((v != 0).any() for k, v in full.items() if "lora_B" in k), "the step changed the adapter"
+
+
+def test_magrpo_and_callable_losses():
+    model, optimizer = small_lora()
+    metrics = policy_update(model, optimizer, synthetic_batch(), loss="magrpo", micro_batch_size=2)
+    assert "mean_seq_logp" in metrics
+
+    def zero_loss(logp, mb, ref_logp=None):
+        return (logp * 0).sum(), {"custom": 1.0}
+
+    assert policy_update(model, optimizer, synthetic_batch(), loss=zero_loss)["custom"] == pytest.approx(1.0)
+
+
+def test_kl_to_the_adapter_free_reference():
+    model, optimizer = small_lora()
+    policy_update(model, optimizer, synthetic_batch(), aggregation="token")
+    metrics = policy_update(model, optimizer, synthetic_batch(), aggregation="token", kl_coef=0.1)
+    assert metrics["ref_kl"] > 0
+
+
+def _args(argv):
+    from mlpo_agents.cli import build_parser
+
+    return build_parser().parse_args(["train", *argv])
+
+
+def test_cli_flags_map_onto_the_config():
+    args = _args(
+        [
+            "--algo",
+            "mlpo",
+            "--team",
+            "tiny",
+            "--steps",
+            "3",
+            "--group-size",
+            "3",
+            "--questions-per-step",
+            "2",
+            "--lr",
+            "0.001",
+            "--out",
+            "runs/x",
+            "--seed",
+            "7",
+            "--save-every",
+            "2",
+            "--resume",
+            "--set",
+            "clip_eps=0.1",
+            "--set",
+            'task_options={"subset": "easy"}',
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.team, config.steps, config.group_size, config.questions_per_step) == ("tiny", 3, 3, 2)
+    assert (config.lr, config.out, config.seed, config.save_every, config.resume) == (
+        0.001,
+        "runs/x",
+        7,
+        2,
+        True,
+    )
+    assert config.clip_eps == 0.1 and config.task_options == {"subset": "easy"}
+    with pytest.raises(ValueError, match="no field.*'nonsense'"):
+        config_from_args(_args(["--set", "nonsense=1"]))
+    with pytest.raises(ValueError, match="group_size=1"):
+        config_from_args(_args(["--group-size", "1"]))
+
+
+def test_cli_missing_trainer_is_a_clear_error(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "mlpo_agents.trainers.malt":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(NotImplementedError, match="malt trainer .* not available"):
+        config_from_args(_args(["--algo", "malt"]))
+
+
+def test_mlpo_help_lists_train(capsys):
+    from mlpo_agents.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--algo",
+        "--team",
+        "--task",
+        "--steps",
+        "--group-size",
+        "--questions-per-step",
+        "--lr",
+        "--out",
+        "--resume",
+        "--seed",
+        "--save-every",
+        "--offline",
+        "--traces",
+    ):
+        assert flag in text

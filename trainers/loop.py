@@ -1,0 +1,362 @@
+"""Training-loop infrastructure shared by the trainers: logging, curves, checkpoints, progress, `mlpo train`.
+
+- `TrainLogger`: one JSON line per step in `<out>/metrics.jsonl`, TensorBoard scalars in `<out>/tb`,
+  and Weights & Biases when `WANDB_PROJECT` is set and `wandb` is importable. `close()` draws the
+  reward / accuracy curves to `<out>/curves.png`.
+- `Checkpointer`: every N steps writes `<out>/checkpoints/step-000N/` holding the adapter (peft
+  format), the optimizer state, the RNG states (python, numpy, torch), the step and the trainer's data
+  state (cursor, pool, ...). It is written to a temporary folder and renamed into place, with a
+  manifest of sha256 sums written last, so a crash never leaves a half-written checkpoint under a
+  real name and a damaged one is detected on load instead of silently resuming from garbage.
+- `add_subcommand`: `mlpo train --algo {mlpo,magrpo,malt} ...`, flags mapping one to one onto the
+  trainer config dataclass fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be resumed from; the message names the folder and the fix."""
+
+
+# ------------------------------------------------------------------------------------------- logging
+
+
+class TrainLogger:
+    """Metrics to JSONL + TensorBoard (+ W&B when `WANDB_PROJECT` is set); curves plotted on close."""
+
+    def __init__(self, out: str | Path, config: dict[str, Any] | None = None, *, resume: bool = False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        if resume and self.path.exists():
+            self.history = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        elif self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.out / "tb"))
+        self.wandb = None
+        if os.environ.get("WANDB_PROJECT"):
+            try:
+                import wandb
+            except ImportError:
+                wandb = None
+            if wandb is not None:
+                self.wandb = wandb.init(
+                    project=os.environ["WANDB_PROJECT"],
+                    name=self.out.name,
+                    config=config or {},
+                    resume="allow",
+                )
+        if config is not None:
+            (self.out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    def truncate(self, step: int) -> None:
+        """Forget rows after `step` (a resumed run replays the steps after its checkpoint)."""
+        self.history = [row for row in self.history if row.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record one step's metrics (numbers go to TensorBoard / W&B, everything to JSONL)."""
+        row = {"step": step, "time": time.time(), **metrics}
+        self.history.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        numbers = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        for key, value in numbers.items():
+            self.tb.add_scalar(key.replace(".", "/"), value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> Path | None:
+        """Flush, and draw the curves; returns the plot path (None when there is nothing to plot)."""
+        self.tb.flush()
+        self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return plot_curves(self.history, self.out / "curves.png")
+
+
+CURVE_KEYS = ("reward/mean", "reward/correct", "eval/team_accuracy", "eval/solo_accuracy")
+
+
+def plot_curves(
+    history: list[dict[str, Any]], path: str | Path, keys: tuple[str, ...] = CURVE_KEYS
+) -> Path | None:
+    """Reward / accuracy against step (matplotlib, Agg backend); None when no key was logged."""
+    present = [k for k in keys if any(k in row for row in history)]
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in present:
+        points = [(row["step"], row[key]) for row in history if key in row]
+        ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval") else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def progress(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> Any:
+    """A tqdm bar over steps (None when disabled)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states."""
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What a checkpoint folder holds, after its manifest was verified."""
+
+    folder: Path
+    step: int
+    state: dict[str, Any]
+    """The trainer's own data state (cursor, pools, ...), JSON."""
+
+    @property
+    def adapter(self) -> Path:
+        """The peft adapter folder."""
+        return self.folder / "adapter"
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer `state_dict`."""
+        import torch
+
+        return torch.load(self.folder / "optimizer.pt", weights_only=False)
+
+    def rng(self) -> dict[str, Any]:
+        """The RNG states saved with it."""
+        import torch
+
+        return torch.load(self.folder / "rng.pt", weights_only=False)
+
+
+class Checkpointer:
+    """Writes `<out>/checkpoints/step-NNNNNN` every `every` steps (atomically); finds and verifies the latest."""
+
+    def __init__(self, out: str | Path, every: int = 0, keep: int = 2):
+        self.root = Path(out) / "checkpoints"
+        self.every = every
+        self.keep = keep
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether step `step` (1-based, after its update) should be saved."""
+        return self.every > 0 and (step % self.every == 0 or last)
+
+    def save(self, step: int, *, model: Any, optimizer: Any, state: dict[str, Any], base_model: str) -> Path:
+        """Write a complete checkpoint for `step` and return its folder; older ones beyond `keep` are removed."""
+        import torch
+
+        from mlpo_agents.trainers.lora import save_adapter
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.root / f"step-{step:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.root))
+        try:
+            save_adapter(model, tmp / "adapter", base_model=base_model, meta={"step": step})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, default=str))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks completeness
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in self.complete()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def complete(self) -> list[Path]:
+        """Checkpoint folders with a manifest, oldest first (temporary and partial folders are ignored)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file())
+
+    def load(self, folder: str | Path) -> Checkpoint:
+        """Verify a checkpoint folder against its manifest and read it; raises CheckpointError when damaged."""
+        folder = Path(folder)
+        others = [p.name for p in self.complete() if p != folder]
+        fix = (
+            f"move it aside (e.g. `mv {folder} {folder}.bad`) to resume from "
+            f"{others[-1] if others else 'the start'}, or start a fresh run in another --out folder"
+        )
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            for name, digest in manifest["files"].items():
+                path = folder / name
+                if not path.is_file():
+                    raise CheckpointError(f"{name} is missing")
+                if _sha256(path) != digest:
+                    raise CheckpointError(f"{name} does not match its checksum")
+            state = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError, KeyError, CheckpointError) as e:
+            raise CheckpointError(f"checkpoint {folder} is corrupted ({e}); {fix}") from None
+        return Checkpoint(folder, int(state.pop("step")), state)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, verified (None when there is none)."""
+        found = self.complete()
+        return self.load(found[-1]) if found else None
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+ALGOS = {
+    "mlpo": ("mlpo_agents.trainers.mlpo", "MLPOConfig"),
+    "magrpo": ("mlpo_agents.trainers.magrpo", "MAGRPOConfig"),
+    "malt": ("mlpo_agents.trainers.malt", "MALTConfig"),
+}
+
+# Flags every trainer config is expected to have, in the order `mlpo train --help` lists them.
+# Algorithm-specific fields are passed with `--set field=value` (parsed as JSON when possible).
+COMMON_FLAGS: dict[str, tuple[type, str]] = {
+    "team": (str, "team YAML (or a built-in: default, solo, tiny)"),
+    "task": (str, "task name (arithmetic, gsm8k, ...)"),
+    "steps": (int, "optimizer steps"),
+    "group_size": (int, "samples per context (the GRPO group size G)"),
+    "questions_per_step": (int, "questions per step"),
+    "lr": (float, "learning rate"),
+    "out": (str, "run folder (checkpoints, metrics, adapters)"),
+    "seed": (int, "seed of data order, sampling and initialisation"),
+    "save_every": (int, "checkpoint every N steps (0: never)"),
+    "traces": (str, "trace store path (offline mode reads it; online mode writes to it)"),
+}
+
+
+def _trainer_module(algo: str) -> Any:
+    module_name, _ = ALGOS[algo]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise NotImplementedError(
+            f"`mlpo train --algo {algo}`: the {algo} trainer ({module_name}) is not available in this version yet; "
+            "use --algo mlpo"
+        ) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Build the chosen algorithm's config dataclass from parsed flags (unknown fields are clear errors)."""
+    module = _trainer_module(args.algo)
+    config_cls = getattr(module, ALGOS[args.algo][1])
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    for name in COMMON_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    for flag in ("resume", "offline"):
+        if getattr(args, flag, False):
+            values[flag] = True
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: use field=value, e.g. --set clip_eps=0.1")
+        values[key.replace("-", "_")] = _parse_value(value)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"{config_cls.__name__} has no field(s) {unknown}; valid fields: {', '.join(sorted(names))}"
+        )
+    return config_cls(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`mlpo train`: build the config, run the trainer, print where the results are."""
+    config = config_from_args(args)
+    result = _trainer_module(args.algo).train(config)
+    print(json.dumps(getattr(result, "summary", lambda: {"result": str(result)})(), indent=2, default=str))
+    return 0
+
+
+def add_subcommand(subparsers: Any) -> None:
+    """Add `mlpo train` to the `mlpo` command line."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a team's trainable roles from their traces (MLPO, MAGRPO, MALT)",
+        description="Flags map one to one onto the trainer config (e.g. MLPOConfig); other fields: --set k=v.",
+    )
+    p.add_argument("--algo", choices=sorted(ALGOS), default="mlpo", help="training algorithm")
+    for name, (kind, text) in COMMON_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest complete checkpoint in --out"
+    )
+    p.add_argument("--offline", action="store_true", help="train from an existing trace store (--traces)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="any other config field, e.g. --set clip_eps=0.1",
+    )
+    p.set_defaults(func=cmd_train)

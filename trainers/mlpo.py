@@ -1,0 +1,671 @@
+"""MLPO: train the leader of a leader-with-peers team with GRPO on its own traces.
+
+Estornell et al. 2025, "Multi-Agent LLM Post-training via Optimizing the Leader" (MLPO), arXiv 2507.08960.
+K frozen peers propose; one trainable leader reads the question and the proposals and answers. Each
+step samples G leader completions per question (the team graph's sampling fan-out `leader_samples=G`,
+one group id), scores them, and makes one GRPO update of the leader's LoRA adapter with Dr. GRPO
+advantages (reward minus group mean, no std) and PPO clipping. The new adapter is saved and hot-loaded
+into the engine that serves the leader, so the next step samples from it. Read top to bottom:
+`MLPOConfig` → `train` → `online_step` / `offline_steps` → `evaluate`.
+
+Deviations from the paper, and why:
+- LoRA instead of full fine-tuning (CPU budget); the trained adapter is what the engine serves.
+- Importance ratios use the engine's *raw* (temperature 1) sampling logprobs as the old policy, as
+  vLLM returns them; with one update per batch (`update_epochs=1`) the ratio is 1 up to numerics and
+  clipping only acts from the second epoch on.
+- The peer pool fills lazily: a question's peers are sampled the first time it is drawn (normal
+  recorded calls) and reused afterwards, instead of one pre-generation pass over the whole train set.
+- The easy-question filter uses the first rollout's leader group (G samples) as the team's solve rate.
+- Dr. GRPO's constant normaliser is the leader's `max_tokens` budget.
+- Optional SFT warm-up is rejection-sampled: correct leader completions of the team itself (or of a
+  given trace store), not curated leader data.
+- A format reward can be added to correctness with weight `format_weight` (0 by default, as in the paper).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlpo_agents.trainers.loop import Checkpointer, TrainLogger, progress, set_rng_state
+
+Aggregation = str
+
+
+@dataclass
+class MLPOConfig:
+    """Everything `mlpo train --algo mlpo` can set; validated on construction."""
+
+    team: str = "default"
+    """Team YAML path or built-in name; its `leader` role is trained and must be served by `local/<spec>`."""
+    task: str = "arithmetic"
+    """Task name for `load_task`."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Extra `load_task` options (e.g. {"subset": "easy", "max_value": 20}), same for train and test."""
+    data_dir: str | None = None
+    """Local benchmark folder (default: $MLPO_DATA_DIR)."""
+    out: str = "runs/mlpo"
+    """Run folder: metrics, curves, checkpoints, adapters, traces."""
+    traces: str | None = None
+    """Trace store: read in offline mode; written in online mode (default `<out>/traces.sqlite`)."""
+    offline: bool = False
+    """Train from the existing `traces` store instead of sampling new episodes."""
+    steps: int = 20
+    """Optimizer steps (online: one rollout + update each; offline: total over all epochs)."""
+    group_size: int = 4
+    """G: leader samples per question sharing one prompt (the GRPO group)."""
+    questions_per_step: int = 4
+    """Questions (groups) per step."""
+    train_questions: int = 200
+    """Size of the train-split question list the steps cycle through."""
+    lr: float = 1e-4
+    """AdamW learning rate of the LoRA parameters."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha (update scaled by alpha / r)."""
+    clip_eps: float = 0.2
+    """PPO ratio clipping epsilon."""
+    kl_coef: float = 0.0
+    """k3 KL penalty to the base model (adapter disabled); 0 = off, as in the paper."""
+    aggregation: Aggregation = "dr_grpo"
+    """Loss aggregation: dr_grpo (constant normaliser), token or sequence."""
+    std_scale: bool = False
+    """Divide advantages by the group std (original GRPO); False = Dr. GRPO."""
+    format_weight: float = 0.0
+    """Weight of the format reward added to correctness."""
+    update_epochs: int = 1
+    """Gradient steps on each step's batch (>1 makes the ratio/clipping bite)."""
+    offline_epochs: int = 2
+    """Offline mode: passes over the recorded groups."""
+    micro_batch_size: int = 4
+    """Rows per forward/backward (gradient accumulation over the batch)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_len: int | None = 1024
+    """Rows longer than this (prompt + completion) are skipped."""
+    peer_pool: bool = True
+    """Reuse each question's round-0 peer proposals after the first time (pooled_peers topology)."""
+    pool_samples: int = 1
+    """P: samples per peer kept in the pool (each later episode uses one of them)."""
+    easy_threshold: float | None = 0.75
+    """Skip questions whose first rollout solved >= this fraction (None disables the filter)."""
+    sft_steps: int = 0
+    """SFT warm-up optimizer steps (TRL SFTTrainer) on correct leader completions before GRPO; 0 = off."""
+    sft_questions: int = 32
+    """Questions rolled out to collect SFT examples when `traces` holds none."""
+    sft_lr: float = 1e-4
+    """SFT warm-up learning rate."""
+    eval_questions: int = 0
+    """Held-out test questions for the before/after evaluation (team and solo); 0 = no evaluation."""
+    eval_temperature: float = 0.0
+    """Leader temperature at evaluation (0 = greedy)."""
+    eval_every: int = 0
+    """Also evaluate every N steps (0: only before and after)."""
+    concurrency: int = 8
+    """Episodes in flight during rollouts."""
+    seed: int = 0
+    """Seed of the question order, sampling seeds, LoRA init and data shuffles."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only adapters, no resumable checkpoint)."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in `out`."""
+    max_minutes: float | None = None
+    """Stop training after this wall time (checked between steps)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.group_size < 2:
+            problems.append(f"group_size={self.group_size}: GRPO needs >= 2 samples per question")
+        if self.steps < 1 or self.questions_per_step < 1 or self.train_questions < 1:
+            problems.append("steps, questions_per_step and train_questions must be >= 1")
+        if self.aggregation not in ("dr_grpo", "token", "sequence"):
+            problems.append(f"aggregation={self.aggregation!r}: use dr_grpo, token or sequence")
+        if self.lr <= 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.format_weight < 0:
+            problems.append("lr and clip_eps must be > 0; kl_coef and format_weight >= 0")
+        if self.easy_threshold is not None and not 0 < self.easy_threshold <= 1:
+            problems.append(f"easy_threshold={self.easy_threshold}: must be in (0, 1] or None")
+        if (
+            self.update_epochs < 1
+            or self.offline_epochs < 1
+            or self.micro_batch_size < 1
+            or self.pool_samples < 1
+        ):
+            problems.append("update_epochs, offline_epochs, micro_batch_size and pool_samples must be >= 1")
+        if self.offline and not self.traces:
+            problems.append("offline=True needs traces=<path of a trace store recorded with run_team>")
+        if self.offline and self.traces and not Path(self.traces).exists():
+            problems.append(f"traces={self.traces}: no such trace store")
+        if problems:
+            raise ValueError("invalid MLPOConfig: " + "; ".join(problems))
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns."""
+
+    out: Path
+    adapter: Path
+    """The final adapter folder (peft format)."""
+    steps: int
+    evaluation: dict[str, dict[str, float]]
+    """{"before": {...}, "after": {...}}: team and solo accuracy on held-out questions."""
+    history: list[dict[str, Any]]
+    wall_s: float
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able digest (what `mlpo train` prints)."""
+        return {
+            "out": str(self.out),
+            "adapter": str(self.adapter),
+            "steps": self.steps,
+            "evaluation": self.evaluation,
+            "wall_s": round(self.wall_s, 1),
+        }
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A per-step sampling seed derived from the run seed (reproducible, different each step)."""
+    return random.Random(f"mlpo/{seed}/{step}/{salt}").getrandbits(31)
+
+
+def seeded_team(team: Any, seed: int, *, leader_temperature: float | None = None) -> Any:
+    """A copy of `team` whose leader and every peer agent sample with their own fixed seed."""
+    roles = {name: rc.model_copy(deep=True) for name, rc in team.roles.items()}
+    for i, name in enumerate(
+        ["leader", *[f"peer-{k}" for k in range(1, int(team.params.get("peers", 0)) + 1)]]
+    ):
+        rc = roles.get(name) or team.role(name).model_copy(deep=True)
+        rc.sampling.seed = (seed + 7919 * i) % (1 << 31)
+        if name == "leader" and leader_temperature is not None:
+            rc.sampling.temperature = leader_temperature
+        roles[name] = rc
+    return team.model_copy(update={"roles": roles})
+
+
+def leader_spec(team: Any) -> str:
+    """The local engine spec serving the leader (`local/<spec>`); other deployments cannot be hot-loaded here."""
+    model = team.deployment(team.role("leader").model)["litellm_params"]["model"]
+    if not model.startswith("local/"):
+        raise ValueError(
+            f"the leader is served by {model!r}; MLPO's online mode hot-loads adapters into the local engine, "
+            "so serve the leader with `local/<spec>` (or train offline from recorded traces)"
+        )
+    from mlpo_agents.engine import parse_local_model
+
+    return parse_local_model(model)[0]
+
+
+class Policy:
+    """The trainable LoRA copy of the leader plus the serving side: engine, client and current version."""
+
+    def __init__(self, config: MLPOConfig, team: Any, spec: str, store: Any):
+        import torch
+
+        from mlpo_agents import zoo
+        from mlpo_agents.engine import get_engine
+        from mlpo_agents.models import ModelClient
+        from mlpo_agents.trainers.lora import LoraSettings, attach_lora
+
+        self.config, self.spec, self.base_model = config, spec, zoo.base_model_id(spec)
+        self.tokenizer = zoo.resolve(spec)[1]
+        torch.manual_seed(config.seed)  # LoRA init
+        self.model = attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        self.engine = get_engine(spec)
+        self.client = ModelClient(team, store)
+        self.version = "base"
+        self.adapters = Path(config.out) / "adapters"
+
+    def publish(self, step: int, folder: Path | None = None) -> Path:
+        """Save the adapter (unless given) and hot-load it: the leader's next calls sample from it."""
+        from mlpo_agents.trainers.lora import save_adapter
+
+        name = f"step-{step}"
+        folder = folder or save_adapter(self.model, self.adapters / name, base_model=self.base_model)
+        self.engine.load_adapter(name, folder)
+        self.client.use_version(
+            "leader", name, {"model": f"local/{self.spec}@{name}"}, base_model=self.base_model
+        )
+        previous, self.version = self.version, name
+        if previous != "base" and previous != name:
+            self.engine.unload_adapter(previous)
+        return folder
+
+    def restore(self, adapter: Path) -> None:
+        """Load adapter weights into the trainable copy (resume)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(adapter / "adapter_model.safetensors")))
+
+
+# ------------------------------------------------------------------------------------------- rollouts
+
+
+def rollout(policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any, *, task_name: str) -> Any:
+    """Run the team on `tasks` with the leader's current adapter; returns the runner's RunSummary."""
+    from mlpo_agents.runner import run_team
+
+    policy.client.team = team  # per-step seeded sampling; routing (adapter version) is kept
+    return asyncio.run(
+        run_team(
+            team,
+            tasks,
+            store,
+            task_name=task_name,
+            client=policy.client,
+            concurrency=policy.config.concurrency,
+            progress=False,
+            graph=graph,
+        )
+    )
+
+
+def episode_batch(store: Any, summary: Any, order: list[str], policy: Policy) -> Any:
+    """The leader's calls and rewards of a rollout as a TrajectoryBatch, groups in question order."""
+    from mlpo_agents.trainers.batch import load_events, traces_to_batch
+
+    position = {task_id: i for i, task_id in enumerate(order)}
+    task_of = {r.episode_id: r.task_id for r in summary.results}
+    calls, rewards = load_events(store, episode_ids=list(task_of), roles=("leader",))
+    calls.sort(key=lambda c: (position[task_of[c.episode_id]], c.round, c.sample_index))
+    return traces_to_batch(calls, rewards, **batch_options(policy))
+
+
+def batch_options(policy: Policy) -> dict[str, Any]:
+    """The `traces_to_batch` settings of this run."""
+    c = policy.config
+    return dict(
+        roles=("leader",),
+        base_model=policy.base_model,
+        reward_names=("correct", "format"),
+        reward_weights={"correct": 1.0, "format": c.format_weight},
+        pad_token_id=policy.tokenizer.pad_token_id or 0,
+        std_scale=c.std_scale,
+        max_len=c.max_len,
+    )
+
+
+def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
+    """`update_epochs` GRPO steps on one batch."""
+    from mlpo_agents.trainers.update import policy_update
+
+    c = policy.config
+    for _ in range(c.update_epochs):
+        metrics = policy_update(
+            policy.model,
+            policy.optimizer,
+            batch,
+            loss="grpo",
+            micro_batch_size=c.micro_batch_size,
+            max_grad_norm=c.max_grad_norm,
+            clip_eps=c.clip_eps,
+            kl_coef=c.kl_coef,
+            aggregation=c.aggregation,
+            max_tokens=max_tokens,
+        )
+    return metrics
+
+
+def batch_metrics(batch: Any) -> dict[str, float]:
+    """Reward and batch statistics for the log."""
+    return {
+        "reward/mean": batch.rewards.mean().item(),
+        "batch/rows": len(batch),
+        "batch/completion_tokens": batch.completion_lengths.float().mean().item(),
+        **{
+            f"batch/{k}": v
+            for k, v in batch.stats.as_dict().items()
+            if k in ("groups", "zero_advantage_groups", "dropped")
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(policy: Policy, team: Any, config: MLPOConfig, *, label: str) -> dict[str, float]:
+    """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1."""
+    from mlpo_agents.graphs import build_topology
+    from mlpo_agents.tasks import load_task
+    from mlpo_agents.trace import TraceStore
+
+    tasks = load_task(
+        config.task,
+        split="test",
+        limit=config.eval_questions,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        **config.task_options,
+    )
+    store = TraceStore(Path(config.out) / "eval_traces.sqlite")
+    out = {}
+    for name, peers in (("team", int(team.params.get("peers", 0))), ("solo", 0)):
+        params = {**team.params, "peers": peers, "leader_samples": 1}
+        eval_team = seeded_team(
+            team.model_copy(update={"params": params, "name": f"{team.name}-{name}-{label}"}),
+            step_seed(config.seed, -1),
+            leader_temperature=config.eval_temperature,
+        )
+        graph = build_topology("leader_peers", **params)
+        summary = rollout(policy, eval_team, tasks, store, graph, task_name=config.task)
+        out[f"{name}_accuracy"] = summary.accuracy
+    store.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- SFT warm-up
+
+
+def sft_warmup(policy: Policy, examples: list[Any]) -> dict[str, float]:
+    """TRL SFTTrainer on pre-tokenized leader completions (token-exact: loss on completion tokens only)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    c = policy.config
+    if not examples:
+        raise ValueError(
+            "SFT warm-up found no correct leader completions; lower sft_steps to 0 or pass traces"
+        )
+    rows = [
+        {
+            "input_ids": e.prompt_token_ids + e.completion_token_ids,
+            "labels": [-100] * len(e.prompt_token_ids) + e.completion_token_ids,
+        }
+        for e in examples
+    ]
+    args = SFTConfig(
+        output_dir=str(Path(c.out) / "sft"),
+        max_steps=c.sft_steps,
+        learning_rate=c.sft_lr,
+        per_device_train_batch_size=min(4, len(rows)),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=c.seed,
+        use_cpu=True,
+        max_length=None,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=policy.model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=policy.tokenizer,
+    )
+    output = trainer.train()
+    policy.model.eval()
+    return {"sft/loss": float(output.training_loss), "sft/examples": len(rows)}
+
+
+def correct_leader_calls(store: Any, base_model: str, episode_ids: list[str] | None = None) -> list[Any]:
+    """Leader calls of `base_model` with correctness 1 (and a well-formed answer), one per prompt+text."""
+    from mlpo_agents.trainers.batch import load_events
+
+    calls, rewards = load_events(store, episode_ids=episode_ids, roles=("leader",))
+    good = {r.call_id for r in rewards if r.name == "correct" and r.call_id and r.value >= 1.0}
+    seen, out = set(), []
+    for c in calls:
+        key = (tuple(c.prompt_token_ids), c.text)
+        if c.call_id in good and c.base_model == base_model and c.completion_token_ids and key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train(config: MLPOConfig) -> TrainResult:
+    """Run MLPO (online or offline) as configured; returns the final adapter, evaluation and history."""
+    from mlpo_agents.config import load_team
+    from mlpo_agents.trace import TraceStore
+
+    start = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    team = load_team(config.team)
+    spec = leader_spec(team)
+    store = TraceStore(config.traces or out / "traces.sqlite")
+    policy = Policy(config, team, spec, store)
+    logger = TrainLogger(out, dataclasses.asdict(config), resume=config.resume)
+    checkpointer = Checkpointer(out, config.save_every)
+    max_tokens = team.role("leader").sampling.max_tokens
+    state: dict[str, Any] = {"cursor": 0, "easy": [], "pool": None, "evaluation": {}}
+    first_step = 0
+
+    checkpoint = checkpointer.latest() if config.resume else None
+    if checkpoint is not None:
+        policy.restore(checkpoint.adapter)
+        policy.optimizer.load_state_dict(checkpoint.optimizer_state())
+        set_rng_state(checkpoint.rng())
+        state, first_step = checkpoint.state, checkpoint.step
+        policy.publish(first_step, checkpoint.adapter)
+        logger.truncate(first_step)
+    elif config.resume:
+        print(f"no checkpoint in {checkpointer.root}: starting from step 0")
+
+    if first_step == 0 and config.eval_questions and "before" not in state["evaluation"]:
+        state["evaluation"]["before"] = evaluate(policy, team, config, label="before")
+        logger.log(0, {f"eval/{k}": v for k, v in state["evaluation"]["before"].items()})
+    if first_step == 0 and config.sft_steps and not state.get("sft_done"):
+        metrics = sft_warmup(policy, collect_sft_examples(policy, team, config, store))
+        policy.publish(0)
+        state["sft_done"] = True
+        logger.log(0, metrics)
+
+    steps = (
+        offline_steps(policy, config, store)
+        if config.offline
+        else online_steps(policy, team, config, store, state)
+    )
+    bar = progress(config.steps, first_step, config.progress)
+    step = first_step
+    for step in range(first_step + 1, config.steps + 1):
+        metrics = steps(step)
+        policy.publish(step)
+        metrics["version"] = policy.version
+        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+            metrics.update(
+                {f"eval/{k}": v for k, v in evaluate(policy, team, config, label=f"step{step}").items()}
+            )
+        logger.log(step, metrics)
+        out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
+        if checkpointer.due(step, last=step == config.steps or out_of_time):
+            checkpointer.save(
+                step,
+                model=policy.model,
+                optimizer=policy.optimizer,
+                state=state,
+                base_model=policy.base_model,
+            )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics.get('reward/mean', float('nan')):.2f}", loss=f"{metrics['loss']:.3f}"
+            )
+        if out_of_time:
+            print(f"stopping after step {step}: max_minutes={config.max_minutes} reached")
+            break
+    if bar is not None:
+        bar.close()
+
+    if config.eval_questions:
+        state["evaluation"]["after"] = evaluate(policy, team, config, label="after")
+        logger.log(step, {f"eval/{k}": v for k, v in state["evaluation"]["after"].items()})
+    logger.close()
+    store.close()
+    return TrainResult(
+        out,
+        policy.adapters / policy.version if step else Path(),
+        step,
+        state["evaluation"],
+        logger.history,
+        time.perf_counter() - start,
+    )
+
+
+def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, state: dict[str, Any]) -> Any:
+    """A function `step -> metrics` that samples this step's questions with the team and updates the leader."""
+    from mlpo_agents.graphs import build_topology
+    from mlpo_agents.graphs.pooled_peers import PeerPool
+    from mlpo_agents.tasks import load_task
+
+    questions = load_task(
+        config.task,
+        split="train",
+        limit=config.train_questions,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        **config.task_options,
+    )
+    random.Random(config.seed).shuffle(questions)
+    peers = int(team.params.get("peers", 0))
+    params = {**team.params, "leader_samples": config.group_size}
+    pool = PeerPool.from_json(state["pool"]) if state.get("pool") else PeerPool()
+    if config.peer_pool and peers > 0 and team.topology == "leader_peers":
+        graph = build_topology(
+            "mlpo_agents.graphs.pooled_peers:build_pooled_peers",
+            **params,
+            pool=pool,
+            pool_samples=config.pool_samples,
+        )
+    else:
+        graph = build_topology(team.topology, **params)
+    easy = set(state["easy"])
+    max_tokens = team.role("leader").sampling.max_tokens
+
+    def next_questions() -> list[Any]:
+        chosen: list[Any] = []
+        for _ in range(len(questions)):
+            if len(chosen) == config.questions_per_step:
+                break
+            task = questions[state["cursor"] % len(questions)]
+            state["cursor"] += 1
+            if task.id not in easy:
+                chosen.append(task)
+        if not chosen:
+            raise RuntimeError(
+                f"every train question is solved >= {config.easy_threshold} of the time; "
+                "use harder questions or raise easy_threshold"
+            )
+        return chosen
+
+    def step(n: int) -> dict[str, Any]:
+        tasks = next_questions()
+        pool.pick = n  # each reuse shows another pooled peer sample when pool_samples > 1
+        hits = pool.hits
+        t0 = time.perf_counter()
+        summary = rollout(
+            policy, seeded_team(team, step_seed(config.seed, n)), tasks, store, graph, task_name=config.task
+        )
+        rollout_s = time.perf_counter() - t0
+        batch = episode_batch(store, summary, [t.id for t in tasks], policy)
+        rates = solve_rates(store, summary)
+        if config.easy_threshold is not None:
+            easy.update(task_id for task_id, rate in rates.items() if rate >= config.easy_threshold)
+        state["easy"], state["pool"] = sorted(easy), pool.to_json()
+        metrics = update(policy, batch, max_tokens)
+        return {
+            **metrics,
+            **batch_metrics(batch),
+            "reward/correct": sum(rates.values()) / max(len(rates), 1),
+            "rollout_s": rollout_s,
+            "team_accuracy_train": summary.accuracy,
+            "easy_questions": len(easy),
+            "pool/hits": pool.hits - hits,
+        }
+
+    return step
+
+
+def solve_rates(store: Any, summary: Any) -> dict[str, float]:
+    """Per question of a rollout: the fraction of its leader samples that were correct."""
+    task_of = {r.episode_id: r.task_id for r in summary.results}
+    leader = {c.call_id for c in store.calls(episode_id=list(task_of), role="leader")}
+    values: dict[str, list[float]] = {}
+    for r in store.rewards(episode_id=list(task_of), name="correct"):
+        if r.call_id in leader:
+            values.setdefault(task_of[r.episode_id], []).append(r.value)
+    return {task_id: sum(v) / len(v) for task_id, v in values.items()}
+
+
+def offline_steps(policy: Policy, config: MLPOConfig, store: Any) -> Any:
+    """A function `step -> metrics` over the recorded groups of `store`, `offline_epochs` passes, shuffled."""
+    from mlpo_agents.trainers.batch import load_events, traces_to_batch
+
+    calls, rewards = load_events(store, roles=("leader",))
+    if not calls:
+        raise ValueError(
+            f"offline mode: {config.traces} has no leader calls; record episodes with `mlpo run` first"
+        )
+    try:
+        full = traces_to_batch(calls, rewards, **batch_options(policy))
+    except ValueError as e:
+        raise type(e)(f"offline mode on {config.traces}: {e}") from None
+    groups = len(full.group_ids)
+    per_epoch = math.ceil(groups / config.questions_per_step)
+    order: list[int] = []
+    for epoch in range(config.offline_epochs):
+        perm = list(range(groups))
+        random.Random(f"{config.seed}/{epoch}").shuffle(perm)
+        order += perm
+    # Dr. GRPO's constant: the generation budget the traces were sampled with.
+    max_tokens = int(calls[0].sampling.get("max_tokens") or full.completion_lengths.max())
+
+    def step(n: int) -> dict[str, Any]:
+        chunk = (n - 1) % (per_epoch * config.offline_epochs)
+        chosen = set(order[chunk * config.questions_per_step : (chunk + 1) * config.questions_per_step])
+        rows = [b for b in range(len(full)) if int(full.group_index[b]) in chosen]
+        batch = full.select(rows)
+        metrics = update(policy, batch, max_tokens)
+        return {**metrics, **batch_metrics(batch), "epoch": chunk // per_epoch}
+
+    return step
+
+
+def collect_sft_examples(policy: Policy, team: Any, config: MLPOConfig, store: Any) -> list[Any]:
+    """Correct leader completions for the warm-up: from the store if it has some, else a fresh rollout."""
+    from mlpo_agents.graphs import build_topology
+    from mlpo_agents.tasks import load_task
+
+    found = correct_leader_calls(store, policy.base_model)
+    if found or config.offline:
+        return found
+    tasks = load_task(
+        config.task,
+        split="train",
+        limit=config.sft_questions,
+        seed=config.seed + 1,
+        data_dir=config.data_dir,
+        **config.task_options,
+    )
+    params = {**team.params, "leader_samples": config.group_size}
+    summary = rollout(
+        policy,
+        seeded_team(team, step_seed(config.seed, 0, salt=1)),
+        tasks,
+        store,
+        build_topology(team.topology, **params),
+        task_name=config.task,
+    )
+    return correct_leader_calls(store, policy.base_model, [r.episode_id for r in summary.results])

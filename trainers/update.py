@@ -1,0 +1,130 @@
+"""The gradient step shared by the GRPO-family trainers: micro-batches, accumulation, clipping, DDP.
+
+`policy_update` takes one `TrajectoryBatch` and makes exactly one optimizer step. Micro-batch losses
+are weighted so that the accumulated gradient equals the gradient of the loss on the whole batch
+(for every aggregation), and under an `accelerate.Accelerator` each rank trains on its own rows
+(`rows[rank::world]`) while DDP averages the gradients, so the step is the same as on one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mlpo_agents.trainers.batch import TrajectoryBatch
+from mlpo_agents.trainers.losses import grpo_loss, magrpo_loss, token_logprobs
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+"""`fn(logp, batch, ref_logp=None, **loss_kwargs) -> (loss, metrics)` on one micro-batch."""
+
+
+def _grpo(logp: torch.Tensor, mb: TrajectoryBatch, ref_logp: torch.Tensor | None = None, **kw: Any) -> Any:
+    return grpo_loss(logp, mb.old_logprobs, mb.advantages, mb.completion_mask, ref_logp=ref_logp, **kw)
+
+
+def _magrpo(logp: torch.Tensor, mb: TrajectoryBatch, ref_logp: torch.Tensor | None = None, **kw: Any) -> Any:
+    return magrpo_loss(logp, mb.completion_mask, mb.advantages)
+
+
+LOSSES: dict[str, LossFn] = {"grpo": _grpo, "magrpo": _magrpo}
+
+
+def _micro_batches(rows: int, micro_batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches; every rank gets the same count (an empty one is `[]`) so DDP syncs line up."""
+    mine = list(range(rank, rows, world))
+    per_rank = math.ceil(rows / world)
+    count = max(1, math.ceil(per_rank / micro_batch_size))
+    chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return chunks + [[] for _ in range(count - len(chunks))]
+
+
+def sequence_logprobs(model: Any, mb: TrajectoryBatch) -> torch.Tensor:
+    """(B, L) log p(token t | tokens < t) of `model` on a micro-batch (same alignment as `old_logprobs`)."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, L, V)
+    return token_logprobs(logits, mb.input_ids)
+
+
+def policy_update(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    batch: TrajectoryBatch,
+    *,
+    loss: str | LossFn = "grpo",
+    micro_batch_size: int = 4,
+    max_grad_norm: float | None = 1.0,
+    accelerator: Any = None,
+    ref_model: Any = None,
+    **loss_kwargs: Any,
+) -> dict[str, float]:
+    """One optimizer step on `batch`; returns loss, grad norm, loss metrics and trained tokens/s.
+
+    `ref_model` gives reference log-probs for a KL term (`kl_coef` in `loss_kwargs`); with `kl_coef > 0`
+    and no `ref_model`, a peft model with its adapter disabled is the reference.
+    """
+    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if len(batch) < world:
+        raise ValueError(f"a batch of {len(batch)} rows cannot be split over {world} processes")
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    # The loss of the whole batch is a row mean (sequence, dr_grpo, magrpo) or a token mean (token):
+    # a micro-batch's own mean is scaled by its share of rows (or tokens) of the whole batch.
+    by_tokens = loss_kwargs.get("aggregation") == "token" and loss_fn is _grpo
+    total = batch.completion_mask.sum().clamp(min=1) if by_tokens else torch.tensor(float(len(batch)))
+    unwrapped = accelerator.unwrap_model(model) if accelerator else model
+    use_ref = loss_kwargs.get("kl_coef", 0.0) > 0
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    start, trained_tokens, loss_sum = time.perf_counter(), 0, 0.0
+    sums: dict[str, float] = {}
+    chunks = _micro_batches(len(batch), micro_batch_size, rank, world)
+    for i, rows in enumerate(chunks):
+        empty = not rows  # a rank with fewer rows still runs a forward/backward so DDP's all-reduce lines up
+        mb = batch.select(rows or [0]).to(device)
+        share = 0.0 if empty else float(mb.completion_mask.sum() if by_tokens else len(rows)) / float(total)
+        sync = accelerator is None or i == len(chunks) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            logp = sequence_logprobs(model, mb)  # (b, L)
+            ref_logp = None
+            if use_ref:
+                with torch.no_grad():
+                    if ref_model is not None:
+                        ref_logp = sequence_logprobs(ref_model, mb)
+                    else:
+                        with unwrapped.disable_adapter():
+                            ref_logp = sequence_logprobs(unwrapped, mb)
+            mb_loss, metrics = loss_fn(logp, mb, ref_logp=ref_logp, **loss_kwargs)
+            scaled = mb_loss * share * world  # DDP averages over ranks: undo the 1/world
+            if accelerator is not None:
+                accelerator.backward(scaled)
+            else:
+                scaled.backward()
+        if not empty:
+            trained_tokens += int(mb.completion_mask.sum().item())
+            loss_sum += mb_loss.item() * share * world
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * share * world
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_grad_norm is not None and max_grad_norm > 0:
+        clip = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
+        grad_norm = float(clip(params, max_grad_norm))
+    else:
+        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    return {
+        "loss": loss_sum,  # this rank's estimate of the whole-batch loss
+        "grad_norm": grad_norm,
+        "trained_tokens": float(trained_tokens),
+        "tokens_per_s": trained_tokens / max(seconds, 1e-9),
+        "update_s": seconds,
+        **sums,
+    }

@@ -225,12 +225,15 @@ def joint_actions(
     answer_role: str,
     reward_weights: Mapping[str, float],
     threshold: float = 1.0,
+    episode_order: Mapping[str, int] | None = None,
 ) -> tuple[list[JointAction], dict[str, int]]:
     """Joint actions of recorded episodes: each `answer_role` call and the same-turn agent calls it builds on.
 
-    Returns the joint actions in trace order and counts of answers left out (`no_reward`: a named
-    reward is missing). The chain is followed through `parent_call_id` while the parent is an agent
-    call of the same round.
+    Returns the joint actions and counts of answers left out (`no_reward`: a named reward is missing).
+    The chain is followed through `parent_call_id` while the parent is an agent call of the same
+    round. The order is deterministic whatever order concurrent episodes were recorded in: by
+    `episode_order` rank (default: first appearance), then by the sample indices along the path
+    from the root of the episode's tree.
     """
     by_id = {c.call_id: c for c in calls}
     table = {(r.call_id, r.name): float(r.value) for r in rewards if r.call_id is not None}
@@ -249,6 +252,18 @@ def joint_actions(
         correct = table.get((head.call_id, "correct"), reward)
         out.append(JointAction(chain, chain[0].group_id, parent.call_id if parent is not None else None,
                                reward, correct >= threshold))
+    rank = dict(episode_order) if episode_order is not None else {}
+    for c in calls:
+        rank.setdefault(c.episode_id, len(rank))
+
+    def path(call: ModelCall | None) -> tuple[int, ...]:
+        indices: list[int] = []
+        while call is not None:
+            indices.append(call.sample_index)
+            call = by_id.get(call.parent_call_id or "")
+        return tuple(reversed(indices))
+
+    out.sort(key=lambda a: (rank[a.calls[-1].episode_id], path(a.calls[-1])))
     return out, skipped
 
 
@@ -431,15 +446,19 @@ def rollout(team: Any, tasks: list[Any], store: Any, graph: Any, client: Any, co
                                 score_roles=config.agents))
 
 
-def step_batches(store: Any, summary: Any, agents: dict[str, Agent], config: MAGRPOConfig) -> tuple[Any, ...]:
-    """Joint actions, returns and per-agent batches of one rollout."""
+def step_batches(
+    store: Any, summary: Any, order: list[str], agents: dict[str, Agent], config: MAGRPOConfig
+) -> tuple[Any, ...]:
+    """Joint actions, returns and per-agent batches of one rollout (questions ranked as in `order`)."""
     episode_ids = [r.episode_id for r in summary.results]
+    position = {task_id: i for i, task_id in enumerate(order)}
+    episode_order = {r.episode_id: position[r.task_id] for r in summary.results}
     calls = store.calls(episode_id=episode_ids, role=list(config.agents))
     rewards = store.rewards(episode_id=episode_ids)
     actions, skipped = joint_actions(
         calls, rewards, agents=config.agents, answer_role=config.answer_role,
         reward_weights={"correct": 1.0, "format": config.format_weight} if config.format_weight else {"correct": 1.0},
-        threshold=config.threshold,
+        threshold=config.threshold, episode_order=episode_order,
     )
     if not actions:
         raise RuntimeError(f"the rollout produced no joint actions ({len(calls)} agent calls, skipped {skipped}); "
@@ -548,7 +567,7 @@ def train(config: MAGRPOConfig) -> TrainResult:
                                 step_seed(config.seed, step))
         summary = rollout(step_team, tasks, store, graph, client, config)
         rollout_s = time.perf_counter() - t0
-        actions, batches, missing, skipped = step_batches(store, summary, agents, config)
+        actions, batches, missing, skipped = step_batches(store, summary, [t.id for t in tasks], agents, config)
         metrics: dict[str, Any] = {**step_metrics(actions, summary), "rollout_s": rollout_s,
                                    "skipped_no_reward": skipped["no_reward"]}
         for role, agent in agents.items():

@@ -25,10 +25,24 @@ TASK = Task(id="t/0", question="What is 2+2?", answer="4", kind="math", meta={})
 def call(call_id, role, *, group, index=0, parent=None, round=0, episode="e1", completion=(5, 6)):
     """A token-exact call with prompt [1, 2, 3] and logprob -0.5 per completion token."""
     return ModelCall(
-        call_id=call_id, episode_id=episode, node=role, role=role, agent=role, round=round, group_id=group,
-        sample_index=index, messages=[], text="", prompt_token_ids=[1, 2, 3],
-        completion_token_ids=list(completion), logprobs=[-0.5] * len(completion), finish_reason="stop",
-        model="local/tiny-test", base_model="tiny", version="base", parent_call_id=parent,
+        call_id=call_id,
+        episode_id=episode,
+        node=role,
+        role=role,
+        agent=role,
+        round=round,
+        group_id=group,
+        sample_index=index,
+        messages=[],
+        text="",
+        prompt_token_ids=[1, 2, 3],
+        completion_token_ids=list(completion),
+        logprobs=[-0.5] * len(completion),
+        finish_reason="stop",
+        model="local/tiny-test",
+        base_model="tiny",
+        version="base",
+        parent_call_id=parent,
     )
 
 
@@ -37,8 +51,14 @@ def correct(call_id, value, episode="e1"):
 
 
 def batches_of(calls, rewards, gamma=0.9, threshold=1.0):
-    actions, skipped = joint_actions(calls, rewards, agents=AGENTS, answer_role="solver",
-                                     reward_weights={"correct": 1.0}, threshold=threshold)
+    actions, skipped = joint_actions(
+        calls,
+        rewards,
+        agents=AGENTS,
+        answer_role="solver",
+        reward_weights={"correct": 1.0},
+        threshold=threshold,
+    )
     joint_returns(actions, gamma)
     batches, missing = agent_batches(actions, agents=AGENTS, base_models=dict.fromkeys(AGENTS, "tiny"))
     return actions, batches, missing, skipped
@@ -50,7 +70,9 @@ def batches_of(calls, rewards, gamma=0.9, threshold=1.0):
 def test_aligned_joint_actions_pair_the_ith_draft_with_its_answer_and_share_the_joint_advantage():
     # Three drafts in one group (one call, n=3); each answer is its own call reading draft i.
     calls = [call(f"d{i}", "drafter", group="gd", index=i) for i in range(3)]
-    calls += [call(f"s{i}", "solver", group=f"gs{i}", parent=f"d{i}") for i in (2, 0, 1)]  # recorded out of order
+    calls += [
+        call(f"s{i}", "solver", group=f"gs{i}", parent=f"d{i}") for i in (2, 0, 1)
+    ]  # recorded out of order
     rewards = [correct("s0", 1.0), correct("s1", 0.0), correct("s2", 0.0), Reward("e1", "correct", 1.0)]
     actions, batches, missing, skipped = batches_of(calls, rewards)
 
@@ -71,7 +93,11 @@ def test_aligned_joint_actions_pair_the_ith_draft_with_its_answer_and_share_the_
 def test_cross_joint_actions_give_each_draft_the_mean_advantage_of_its_answers():
     # Two drafts x two answers each (solver n=2 per draft): four joint actions in group "gd".
     calls = [call("d0", "drafter", group="gd", index=0), call("d1", "drafter", group="gd", index=1)]
-    calls += [call(f"s{i}{j}", "solver", group=f"gs{i}", index=j, parent=f"d{i}") for i in range(2) for j in range(2)]
+    calls += [
+        call(f"s{i}{j}", "solver", group=f"gs{i}", index=j, parent=f"d{i}")
+        for i in range(2)
+        for j in range(2)
+    ]
     values = {"s00": 1.0, "s01": 0.0, "s10": 0.0, "s11": 0.0}
     _, batches, _, _ = batches_of(calls, [correct(k, v) for k, v in values.items()])
 
@@ -87,15 +113,25 @@ def test_multi_turn_returns_discount_the_childrens_mean_and_stop_at_the_threshol
     # Turn 0: a0 = (d0, s0) is correct (done), a1 = (d1, s1) is wrong and branches into two joint actions
     # at turn 1: b0 = (e0, t0) wrong, b1 = (e1, t1) correct. A stray child of the finished a0 (c0, r = 1)
     # must not flow back into a0's return.
-    calls = [call("d0", "drafter", group="g0", index=0), call("d1", "drafter", group="g0", index=1),
-             call("s0", "solver", group="x0", parent="d0"), call("s1", "solver", group="x1", parent="d1"),
-             call("e0", "drafter", group="g1", index=0, parent="s1", round=1),
-             call("e1", "drafter", group="g1", index=1, parent="s1", round=1),
-             call("t0", "solver", group="y0", parent="e0", round=1),
-             call("t1", "solver", group="y1", parent="e1", round=1),
-             call("c0", "drafter", group="g2", parent="s0", round=1),
-             call("u0", "solver", group="z0", parent="c0", round=1)]
-    rewards = [correct("s0", 1.0), correct("s1", 0.0), correct("t0", 0.0), correct("t1", 1.0), correct("u0", 1.0)]
+    calls = [
+        call("d0", "drafter", group="g0", index=0),
+        call("d1", "drafter", group="g0", index=1),
+        call("s0", "solver", group="x0", parent="d0"),
+        call("s1", "solver", group="x1", parent="d1"),
+        call("e0", "drafter", group="g1", index=0, parent="s1", round=1),
+        call("e1", "drafter", group="g1", index=1, parent="s1", round=1),
+        call("t0", "solver", group="y0", parent="e0", round=1),
+        call("t1", "solver", group="y1", parent="e1", round=1),
+        call("c0", "drafter", group="g2", parent="s0", round=1),
+        call("u0", "solver", group="z0", parent="c0", round=1),
+    ]
+    rewards = [
+        correct("s0", 1.0),
+        correct("s1", 0.0),
+        correct("t0", 0.0),
+        correct("t1", 1.0),
+        correct("u0", 1.0),
+    ]
     actions, batches, _, _ = batches_of(calls, rewards, gamma=0.9)
 
     value = {a.key: a.value for a in actions}
@@ -115,8 +151,12 @@ def test_multi_turn_returns_discount_the_childrens_mean_and_stop_at_the_threshol
 
 
 def test_answers_without_a_reward_are_counted_and_a_degenerate_agent_is_reported():
-    calls = [call("d0", "drafter", group="gd", index=0), call("d1", "drafter", group="gd", index=1),
-             call("s0", "solver", group="a", parent="d0"), call("s1", "solver", group="b", parent="d1")]
+    calls = [
+        call("d0", "drafter", group="gd", index=0),
+        call("d1", "drafter", group="gd", index=1),
+        call("s0", "solver", group="a", parent="d0"),
+        call("s1", "solver", group="b", parent="d1"),
+    ]
     actions, batches, missing, skipped = batches_of(calls, [correct("s0", 1.0)])
     assert skipped == {"no_reward": 1} and len(actions) == 1
     assert batches == {} and set(missing) == set(AGENTS) and "single usable sample" in missing["solver"]
@@ -142,8 +182,13 @@ def cooperate_run(tmp_path, name, solver_reply, **params):
     drafts = itertools.count()
     drafter = ScriptedModel(f"{name}-d", lambda m: f"plan {next(drafts)}")
     solver = ScriptedModel(f"{name}-s", solver_reply)
-    team = scripted_team({"drafter": drafter, "solver": solver}, topology="cooperate", params=params,
-                         name=name, trainable=AGENTS)
+    team = scripted_team(
+        {"drafter": drafter, "solver": solver},
+        topology="cooperate",
+        params=params,
+        name=name,
+        trainable=AGENTS,
+    )
     store = TraceStore(tmp_path / f"{name}.sqlite")
     (result,) = asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False)).results
     return result, store, drafter, solver
@@ -158,7 +203,12 @@ def test_cooperate_aligns_answers_with_drafts_and_branches_only_unfinished_joint
     calls = store.calls(episode_id=result.episode_id)
     by_id = {c.call_id: c for c in calls}
     turn0 = [c for c in calls if c.round == 0]
-    assert [(c.role, c.sample_index) for c in turn0] == [("drafter", 0), ("drafter", 1), ("solver", 0), ("solver", 0)]
+    assert [(c.role, c.sample_index) for c in turn0] == [
+        ("drafter", 0),
+        ("drafter", 1),
+        ("solver", 0),
+        ("solver", 0),
+    ]
     for answer in (c for c in turn0 if c.role == "solver"):  # answer g reads draft g
         assert by_id[answer.parent_call_id].text in answer.messages[-1]["content"]
     # Only the wrong joint action (plan 1) branches: two new drafts, both built on its answer.
@@ -168,11 +218,20 @@ def test_cooperate_aligns_answers_with_drafts_and_branches_only_unfinished_joint
     assert "plan 1" in drafter.prompts[-1] and "was not accepted" in drafter.prompts[-1]
     assert result.answer == "4" and result.reward == 1.0  # the main line (sample 0) was right at turn 0
     # The runner's call-level rewards make joint actions with the right returns: 2 at turn 0, 2 at turn 1.
-    actions, _ = joint_actions(calls, store.rewards(episode_id=result.episode_id), agents=AGENTS,
-                               answer_role="solver", reward_weights={"correct": 1.0})
+    actions, _ = joint_actions(
+        calls,
+        store.rewards(episode_id=result.episode_id),
+        agents=AGENTS,
+        answer_role="solver",
+        reward_weights={"correct": 1.0},
+    )
     joint_returns(actions, 0.9)
-    assert [(a.turn, a.reward, round(a.value, 3)) for a in actions] == [(0, 1.0, 1.0), (0, 0.0, 0.0),
-                                                                       (1, 0.0, 0.0), (1, 0.0, 0.0)]
+    assert [(a.turn, a.reward, round(a.value, 3)) for a in actions] == [
+        (0, 1.0, 1.0),
+        (0, 0.0, 0.0),
+        (1, 0.0, 0.0),
+        (1, 0.0, 0.0),
+    ]
 
 
 def test_cooperate_cross_mode_answers_every_draft_several_times(tmp_path):
@@ -194,8 +253,19 @@ def parity_reward(task, text):
 def train_tiny(out: Path, seed: int = 0):
     from mlpo_agents.trainers.magrpo import train
 
-    config = MAGRPOConfig(model="tiny-test", steps=2, group_size=3, questions_per_step=2, max_tokens=8,
-                          micro_batch_size=8, lr=1e-2, out=str(out), seed=seed, progress=False, save_every=2)
+    config = MAGRPOConfig(
+        model="tiny-test",
+        steps=2,
+        group_size=3,
+        questions_per_step=2,
+        max_tokens=8,
+        micro_batch_size=8,
+        lr=1e-2,
+        out=str(out),
+        seed=seed,
+        progress=False,
+        save_every=2,
+    )
     return train(config)
 
 

@@ -162,7 +162,9 @@ class MAGRPOConfig:
             )
         unknown = set(self.agent_models) - set(self.agents)
         if unknown:
-            problems.append(f"agent_models names {sorted(unknown)}, which are not in agents={list(self.agents)}")
+            problems.append(
+                f"agent_models names {sorted(unknown)}, which are not in agents={list(self.agents)}"
+            )
         if problems:
             raise ValueError("invalid MAGRPOConfig: " + "; ".join(problems))
 
@@ -182,8 +184,13 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able digest (what `mlpo train` prints)."""
-        return {"out": str(self.out), "adapters": {k: str(v) for k, v in self.adapters.items()},
-                "steps": self.steps, "evaluation": self.evaluation, "wall_s": round(self.wall_s, 1)}
+        return {
+            "out": str(self.out),
+            "adapters": {k: str(v) for k, v in self.adapters.items()},
+            "steps": self.steps,
+            "evaluation": self.evaluation,
+            "wall_s": round(self.wall_s, 1),
+        }
 
 
 # ------------------------------------------------------------------------------------------- joint actions (pure)
@@ -250,8 +257,15 @@ def joint_actions(
             parent = by_id.get(parent.parent_call_id or "")
         reward = sum(w * table[(head.call_id, name)] for name, w in reward_weights.items())
         correct = table.get((head.call_id, "correct"), reward)
-        out.append(JointAction(chain, chain[0].group_id, parent.call_id if parent is not None else None,
-                               reward, correct >= threshold))
+        out.append(
+            JointAction(
+                chain,
+                chain[0].group_id,
+                parent.call_id if parent is not None else None,
+                reward,
+                correct >= threshold,
+            )
+        )
     rank = dict(episode_order) if episode_order is not None else {}
     for c in calls:
         rank.setdefault(c.episode_id, len(rank))
@@ -279,7 +293,9 @@ def joint_returns(actions: Sequence[JointAction], gamma: float = 0.9) -> torch.T
             children.setdefault(a.parent, []).append(a)
     for turn in sorted({a.turn for a in actions}, reverse=True):
         nodes = [a for a in actions if a.turn == turn]
-        after = [sum(c.value for c in kids) / len(kids) if (kids := children.get(a.key)) else 0.0 for a in nodes]
+        after = [
+            sum(c.value for c in kids) / len(kids) if (kids := children.get(a.key)) else 0.0 for a in nodes
+        ]
         rewards = torch.tensor([[a.reward, v] for a, v in zip(nodes, after, strict=True)])  # (N, 2)
         done = torch.tensor([[a.done, True] for a in nodes])  # (N, 2)
         values = discounted_returns(rewards, gamma, done)[:, 0]  # (N,)
@@ -326,13 +342,24 @@ def agent_batches(
             missing[role] = "no calls in any joint action"
             continue
         returns = [
-            Reward(c.episode_id, "joint_return", sum(values[c.call_id]) / len(values[c.call_id]), call_id=c.call_id)
+            Reward(
+                c.episode_id,
+                "joint_return",
+                sum(values[c.call_id]) / len(values[c.call_id]),
+                call_id=c.call_id,
+            )
             for c in rows
         ]
         try:
             batches[role] = traces_to_batch(
-                rows, returns, roles=(role,), base_model=base_models[role], reward_names=("joint_return",),
-                pad_token_id=(pad_token_ids or {}).get(role, 0), std_scale=std_scale, max_len=max_len,
+                rows,
+                returns,
+                roles=(role,),
+                base_model=base_models[role],
+                reward_names=("joint_return",),
+                pad_token_id=(pad_token_ids or {}).get(role, 0),
+                std_scale=std_scale,
+                max_len=max_len,
             )
         except ValueError as e:  # every group degenerate (e.g. all but one answer failed): skip, say why
             if isinstance(e, TraceMismatchError):
@@ -355,9 +382,13 @@ def cooperate_team(config: MAGRPOConfig) -> Any:
         {
             "name": "cooperate",
             "topology": "cooperate",
-            "model_list": [{"model_name": n, "litellm_params": {"model": f"local/{s}"}} for s, n in names.items()],
+            "model_list": [
+                {"model_name": n, "litellm_params": {"model": f"local/{s}"}} for s, n in names.items()
+            ],
             "router_settings": {"num_retries": 0, "timeout": 600},
-            "roles": {r: {"model": names[s], "trainable": True, "sampling": sampling} for r, s in specs.items()},
+            "roles": {
+                r: {"model": names[s], "trainable": True, "sampling": sampling} for r, s in specs.items()
+            },
         },
         "built-in cooperate team",
     )
@@ -368,8 +399,13 @@ def graph_params(config: MAGRPOConfig, team: Any) -> dict[str, Any]:
     if team.topology != "cooperate":
         return dict(team.params)  # a user topology brings its own sampling fan-out and parent links
     solver_samples = config.group_size if config.joint_mode == "cross" else 1
-    return {**team.params, "samples": config.group_size, "solver_samples": solver_samples,
-            "turns": config.turns, "threshold": config.threshold}
+    return {
+        **team.params,
+        "samples": config.group_size,
+        "solver_samples": solver_samples,
+        "turns": config.turns,
+        "threshold": config.threshold,
+    }
 
 
 def seeded_team(team: Any, roles: Sequence[str], seed: int, temperature: float | None = None) -> Any:
@@ -400,7 +436,9 @@ class Agent:
         torch.manual_seed(config.seed + 1000 * index)  # LoRA init, different per agent
         self.model = attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
         self.engine = get_engine(spec)
         self.version = "base"
@@ -409,7 +447,9 @@ class Agent:
         """Hot-load the adapter in `folder` into the engine and route this agent's calls to it."""
         name = f"{self.role}-step-{step}"
         self.engine.load_adapter(name, folder)
-        client.use_version(self.role, name, {"model": f"local/{self.spec}@{name}"}, base_model=self.base_model)
+        client.use_version(
+            self.role, name, {"model": f"local/{self.spec}@{name}"}, base_model=self.base_model
+        )
         previous, self.version = self.version, name
         if previous not in ("base", name):
             self.engine.unload_adapter(previous)
@@ -428,8 +468,10 @@ def agent_spec(team: Any, role: str) -> str:
 
     model = team.deployment(team.role(role).model)["litellm_params"]["model"]
     if not model.startswith("local/"):
-        raise ValueError(f"agent {role!r} is served by {model!r}; MAGRPO hot-loads adapters into the local "
-                         "engine, so serve every trained agent with `local/<spec>`")
+        raise ValueError(
+            f"agent {role!r} is served by {model!r}; MAGRPO hot-loads adapters into the local "
+            "engine, so serve every trained agent with `local/<spec>`"
+        )
     return parse_local_model(model)[0]
 
 
@@ -441,9 +483,19 @@ def rollout(team: Any, tasks: list[Any], store: Any, graph: Any, client: Any, co
     from mlpo_agents.runner import run_team
 
     client.team = team  # per-step seeded sampling; routing (adapter versions) is kept
-    return asyncio.run(run_team(team, tasks, store, task_name=config.task, client=client,
-                                concurrency=config.concurrency, progress=False, graph=graph,
-                                score_roles=config.agents))
+    return asyncio.run(
+        run_team(
+            team,
+            tasks,
+            store,
+            task_name=config.task,
+            client=client,
+            concurrency=config.concurrency,
+            progress=False,
+            graph=graph,
+            score_roles=config.agents,
+        )
+    )
 
 
 def step_batches(
@@ -456,17 +508,28 @@ def step_batches(
     calls = store.calls(episode_id=episode_ids, role=list(config.agents))
     rewards = store.rewards(episode_id=episode_ids)
     actions, skipped = joint_actions(
-        calls, rewards, agents=config.agents, answer_role=config.answer_role,
-        reward_weights={"correct": 1.0, "format": config.format_weight} if config.format_weight else {"correct": 1.0},
-        threshold=config.threshold, episode_order=episode_order,
+        calls,
+        rewards,
+        agents=config.agents,
+        answer_role=config.answer_role,
+        reward_weights={"correct": 1.0, "format": config.format_weight}
+        if config.format_weight
+        else {"correct": 1.0},
+        threshold=config.threshold,
+        episode_order=episode_order,
     )
     if not actions:
-        raise RuntimeError(f"the rollout produced no joint actions ({len(calls)} agent calls, skipped {skipped}); "
-                           f"check that `{config.answer_role}` calls record their parent calls and rewards")
+        raise RuntimeError(
+            f"the rollout produced no joint actions ({len(calls)} agent calls, skipped {skipped}); "
+            f"check that `{config.answer_role}` calls record their parent calls and rewards"
+        )
     joint_returns(actions, config.gamma)
     batches, missing = agent_batches(
-        actions, agents=config.agents, base_models={r: a.base_model for r, a in agents.items()},
-        pad_token_ids={r: a.pad_token_id for r, a in agents.items()}, std_scale=config.std_scale,
+        actions,
+        agents=config.agents,
+        base_models={r: a.base_model for r, a in agents.items()},
+        pad_token_ids={r: a.pad_token_id for r, a in agents.items()},
+        std_scale=config.std_scale,
         max_len=config.max_len,
     )
     return actions, batches, missing, skipped
@@ -475,10 +538,13 @@ def step_batches(
 def step_metrics(actions: list[JointAction], summary: Any) -> dict[str, Any]:
     """Rewards and tree sizes of a rollout for the log."""
     first = [a for a in actions if a.turn == 0]
-    return {"reward/mean": sum(a.reward for a in first) / len(first),
-            "return/mean": sum(a.value for a in first) / len(first),
-            "reward/correct": summary.accuracy, "joint_actions": len(actions),
-            "turns/max": 1 + max(a.turn for a in actions)}
+    return {
+        "reward/mean": sum(a.reward for a in first) / len(first),
+        "return/mean": sum(a.value for a in first) / len(first),
+        "reward/correct": summary.accuracy,
+        "joint_actions": len(actions),
+        "turns/max": 1 + max(a.turn for a in actions),
+    }
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -490,11 +556,21 @@ def evaluate(team: Any, client: Any, config: MAGRPOConfig, *, label: str) -> dic
     from mlpo_agents.tasks import load_task
     from mlpo_agents.trace import TraceStore
 
-    tasks = load_task(config.task, split="test", limit=config.eval_questions, seed=config.seed,
-                      data_dir=config.data_dir, **config.task_options)
+    tasks = load_task(
+        config.task,
+        split="test",
+        limit=config.eval_questions,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        **config.task_options,
+    )
     params = {**graph_params(config, team), "samples": 1, "solver_samples": 1, "turns": 1}
-    eval_team = seeded_team(team.model_copy(update={"name": f"{team.name}-{label}", "params": params}),
-                            config.agents, step_seed(config.seed, -1), config.eval_temperature)
+    eval_team = seeded_team(
+        team.model_copy(update={"name": f"{team.name}-{label}", "params": params}),
+        config.agents,
+        step_seed(config.seed, -1),
+        config.eval_temperature,
+    )
     store = TraceStore(Path(config.out) / "eval_traces.sqlite")
     try:
         summary = rollout(eval_team, tasks, store, build_topology(team.topology, **params), client, config)
@@ -545,14 +621,22 @@ def train(config: MAGRPOConfig) -> TrainResult:
             state = checkpoint.state
             logger.truncate(first_step)
         else:
-            print(f"no step with a complete checkpoint of every agent under {out / 'agents'}: starting from step 0")
+            print(
+                f"no step with a complete checkpoint of every agent under {out / 'agents'}: starting from step 0"
+            )
 
     if first_step == 0 and config.eval_questions:
         state["evaluation"]["before"] = evaluate(team, client, config, label="before")
         logger.log(0, {f"eval/{k}": v for k, v in state["evaluation"]["before"].items()})
 
-    questions = load_task(config.task, split="train", limit=config.train_questions, seed=config.seed,
-                          data_dir=config.data_dir, **config.task_options)
+    questions = load_task(
+        config.task,
+        split="train",
+        limit=config.train_questions,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        **config.task_options,
+    )
     random.Random(config.seed).shuffle(questions)
     params = graph_params(config, team)
     graph = build_topology(team.topology, **params)
@@ -563,33 +647,59 @@ def train(config: MAGRPOConfig) -> TrainResult:
         tasks = [questions[(state["cursor"] + i) % len(questions)] for i in range(config.questions_per_step)]
         state["cursor"] += config.questions_per_step
         t0 = time.perf_counter()
-        step_team = seeded_team(team.model_copy(update={"params": params}), config.agents,
-                                step_seed(config.seed, step))
+        step_team = seeded_team(
+            team.model_copy(update={"params": params}), config.agents, step_seed(config.seed, step)
+        )
         summary = rollout(step_team, tasks, store, graph, client, config)
         rollout_s = time.perf_counter() - t0
-        actions, batches, missing, skipped = step_batches(store, summary, [t.id for t in tasks], agents, config)
-        metrics: dict[str, Any] = {**step_metrics(actions, summary), "rollout_s": rollout_s,
-                                   "skipped_no_reward": skipped["no_reward"]}
+        actions, batches, missing, skipped = step_batches(
+            store, summary, [t.id for t in tasks], agents, config
+        )
+        metrics: dict[str, Any] = {
+            **step_metrics(actions, summary),
+            "rollout_s": rollout_s,
+            "skipped_no_reward": skipped["no_reward"],
+        }
         for role, agent in agents.items():
             if role in batches:
                 batch = batches[role]
-                update = policy_update(agent.model, agent.optimizer, batch, loss="magrpo",
-                                       micro_batch_size=config.micro_batch_size, max_grad_norm=config.max_grad_norm)
+                update = policy_update(
+                    agent.model,
+                    agent.optimizer,
+                    batch,
+                    loss="magrpo",
+                    micro_batch_size=config.micro_batch_size,
+                    max_grad_norm=config.max_grad_norm,
+                )
                 metrics.update({f"{role}/{k}": v for k, v in update.items()})
-                metrics.update({f"{role}/rows": len(batch), f"{role}/zero_advantage_groups":
-                                batch.stats.zero_advantage_groups, f"{role}/dropped": batch.stats.dropped})
+                metrics.update(
+                    {
+                        f"{role}/rows": len(batch),
+                        f"{role}/zero_advantage_groups": batch.stats.zero_advantage_groups,
+                        f"{role}/dropped": batch.stats.dropped,
+                    }
+                )
             else:
                 metrics[f"{role}/skipped"] = missing[role][:200]
-            adapters[role] = save_adapter(agent.model, out / "adapters" / role / f"step-{step}",
-                                          base_model=agent.base_model, meta={"step": step})
+            adapters[role] = save_adapter(
+                agent.model,
+                out / "adapters" / role / f"step-{step}",
+                base_model=agent.base_model,
+                meta={"step": step},
+            )
             agent.publish(client, adapters[role], step)
         logger.log(step, metrics)
         out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
         last = step == config.steps or out_of_time
         for role, agent in agents.items():
             if checkpointers[role].due(step, last=last):
-                checkpointers[role].save(step, model=agent.model, optimizer=agent.optimizer, state=state,
-                                         base_model=agent.base_model)
+                checkpointers[role].save(
+                    step,
+                    model=agent.model,
+                    optimizer=agent.optimizer,
+                    state=state,
+                    base_model=agent.base_model,
+                )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}")

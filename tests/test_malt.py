@@ -222,7 +222,7 @@ def test_short_malt_run_on_tiny_changes_every_role_adapter_and_serves_it(tmp_pat
         assert not any(".ref." in k for k in weights)  # DPO's reference copy is not shipped
         sft_b = load_file(str(result.adapters[role].with_name(f"{role}-sft") / "adapter_model.safetensors"))
         assert any((sft_b[k] - weights[k]).abs().sum() > 0 for k in weights if "lora_B" in k)  # DPO moved it
-    with TraceStore(tmp_path / "run" / "eval_traces.sqlite") as store:
+    with TraceStore(tmp_path / "run" / "traces.sqlite") as store:
         after = [e.episode_id for e in store.episodes() if e.team.endswith("eval-after")]
         versions = {c.role: c.version for c in store.calls(episode_id=after)}
     assert set(versions) == {"generator", "verifier", "refiner"}

@@ -486,14 +486,16 @@ def role_spec(team: Any, role: str) -> str:
 
 
 def seeded(team: Any, seed: int, name: str, temperature: float | None = None, **params: Any) -> Any:
-    """A copy of `team` with new params, name, and a fixed sampling seed (and optional temperature) per role."""
+    """A copy of `team` with new params and name, every agent (`generator-k`, ...) sampling with its own seed."""
     roles = {}
-    for i, role in enumerate(ROLES):
+    chains = int({**team.params, **params}.get("chains", 1))
+    for i, (role, k) in enumerate(itertools.product(ROLES, range(1, chains + 1))):
         rc = team.role(role).model_copy(deep=True)
-        rc.sampling.seed = (seed * 1_000_003 + 7919 * i) % (1 << 31)
+        rc.sampling.seed = (seed * 1_000_003 + 7919 * i) % (1 << 31)  # chains must not repeat each other
         if temperature is not None:
             rc.sampling.temperature = temperature
-        roles[role] = rc
+        roles[role] = roles.get(role) or rc
+        roles[f"{role}-{k}"] = rc
     return team.model_copy(update={"roles": roles, "name": name, "params": {**team.params, **params}})
 
 
@@ -556,12 +558,11 @@ def expand_trees(
     return calls, rewards, stats
 
 
-def evaluate(config: MALTConfig, team: Any, client: Any, label: str) -> dict[str, float]:
+def evaluate(config: MALTConfig, team: Any, client: Any, store: Any, label: str) -> dict[str, float]:
     """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI)."""
     from mlpo_agents.evaluate import cell_from_store
     from mlpo_agents.runner import run_team
     from mlpo_agents.tasks import load_task
-    from mlpo_agents.trace import TraceStore
 
     tasks = load_task(
         config.task,
@@ -583,21 +584,20 @@ def evaluate(config: MALTConfig, team: Any, client: Any, label: str) -> dict[str
         refiner_samples=None,
     )
     client.team = eval_team
-    with TraceStore(Path(config.out) / "eval_traces.sqlite") as store:
-        summary = asyncio.run(
-            run_team(
-                eval_team,
-                tasks,
-                store,
-                task_name=config.task,
-                client=client,
-                resume=True,
-                concurrency=config.concurrency,
-                progress=config.progress,
-                score_roles=(),
-            )
+    summary = asyncio.run(
+        run_team(
+            eval_team,
+            tasks,
+            store,
+            task_name=config.task,
+            client=client,
+            resume=True,
+            concurrency=config.concurrency,
+            progress=config.progress,
+            score_roles=(),
         )
-        cell = cell_from_store(store, eval_team.name, config.task, [t.id for t in tasks], summary.wall_s)
+    )
+    cell = cell_from_store(store, eval_team.name, config.task, [t.id for t in tasks], summary.wall_s)
     return {
         "accuracy": cell.accuracy,
         "ci_low": cell.ci_low,
@@ -713,7 +713,7 @@ def train(config: MALTConfig) -> TrainResult:
         say(
             f"[malt] evaluating the base team: {config.eval_questions} test questions × {config.eval_chains} chains"
         )
-        state["evaluation"]["before"] = evaluate(config, team, client, "before")
+        state["evaluation"]["before"] = evaluate(config, team, client, store, "before")
         logger.log(0, {f"eval/before/{k}": v for k, v in state["evaluation"]["before"].items()})
         _write_json(state_path, state)
 
@@ -789,7 +789,7 @@ def train(config: MALTConfig) -> TrainResult:
     route(client, team, adapters, units, tag)
     if config.eval_questions and "after" not in state["evaluation"]:
         say("[malt] evaluating the trained team")
-        state["evaluation"]["after"] = evaluate(config, team, client, "after")
+        state["evaluation"]["after"] = evaluate(config, team, client, store, "after")
         logger.log(state["step"], {f"eval/after/{k}": v for k, v in state["evaluation"]["after"].items()})
         _write_json(state_path, state)
     state["counts"] = counts

@@ -35,6 +35,9 @@ Deviations from the paper, and why:
   rows with unequal numbers of usable children (cross mode) are not re-weighted.
 - On-policy only: no importance ratio (as in the paper), hence no offline mode from old traces.
 - No std normalisation of advantages by default (`std_scale=True` turns it on).
+- Sampling is seeded per agent and step (reproducible runs): all of an agent's calls in one step share
+  the engine's per-request seed, so two identical prompts would get identical samples; the aligned
+  solver prompts differ because they hold different drafts.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Choices made so a 135M model can move at all (see the README of the results for 
   base model otherwise never writes the answer block the reward reads.
 - Reward = correctness + `format_weight` x format (one well-formed `<answer>` block). With correctness
   near zero at the start, the format term is the only early learning signal.
-- Short completions (leader 48, peers 32 tokens) to fit many rollouts into the CPU budget.
+- Short completions (leader 40, peers 32 tokens) to fit many rollouts into the CPU budget.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/mlpo_arithmetic")
-    parser.add_argument("--eval-questions", type=int, default=40)
+    parser.add_argument("--eval-questions", type=int, default=24)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--questions-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -79,7 +79,7 @@ def main() -> None:
 
     out = Path(args.out)
     config = MLPOConfig(
-        team=str(team_yaml(out / "team.yaml", leader_tokens=48, peer_tokens=32)),
+        team=str(team_yaml(out / "team.yaml", leader_tokens=40, peer_tokens=32)),
         task="arithmetic",
         task_options={"subset": "easy", "max_value": 20},
         out=str(out),

@@ -111,7 +111,8 @@ class MLPOConfig:
     eval_every: int = 0
     """Also evaluate every N steps (0: only before and after)."""
     concurrency: int = 8
-    """Episodes in flight during rollouts."""
+    """Episodes in flight during rollouts. Tokens do not depend on it (per-request seeds), but the engine's
+    logprobs vary in the last float bits with batch composition: use 1 for bit-identical reruns."""
     seed: int = 0
     """Seed of the question order, sampling seeds, LoRA init and data shuffles."""
     save_every: int = 0
@@ -290,8 +291,8 @@ def episode_batch(store: Any, summary: Any, order: list[str], policy: Policy) ->
     return traces_to_batch(calls, rewards, **batch_options(policy))
 
 
-def batch_options(policy: Policy) -> dict[str, Any]:
-    """The `traces_to_batch` settings of this run."""
+def batch_options(policy: Any) -> dict[str, Any]:
+    """The `traces_to_batch` settings of this run (`policy`: anything with config, base_model, tokenizer)."""
     c = policy.config
     return dict(
         roles=("leader",),
@@ -446,10 +447,12 @@ def train(config: MLPOConfig) -> TrainResult:
     team = load_team(config.team)
     spec = leader_spec(team)
     store = TraceStore(config.traces or out / "traces.sqlite")
+    recorded = (
+        offline_batch(config, spec, store) if config.offline else None
+    )  # fail fast, before loading models
     policy = Policy(config, team, spec, store)
     logger = TrainLogger(out, dataclasses.asdict(config), resume=config.resume)
     checkpointer = Checkpointer(out, config.save_every)
-    max_tokens = team.role("leader").sampling.max_tokens
     state: dict[str, Any] = {"cursor": 0, "easy": [], "pool": None, "evaluation": {}}
     first_step = 0
 
@@ -474,8 +477,8 @@ def train(config: MLPOConfig) -> TrainResult:
         logger.log(0, metrics)
 
     steps = (
-        offline_steps(policy, config, store)
-        if config.offline
+        offline_steps(policy, config, *recorded)
+        if recorded is not None
         else online_steps(policy, team, config, store, state)
     )
     bar = progress(config.steps, first_step, config.progress)
@@ -609,9 +612,14 @@ def solve_rates(store: Any, summary: Any) -> dict[str, float]:
     return {task_id: sum(v) / len(v) for task_id, v in values.items()}
 
 
-def offline_steps(policy: Policy, config: MLPOConfig, store: Any) -> Any:
-    """A function `step -> metrics` over the recorded groups of `store`, `offline_epochs` passes, shuffled."""
+def offline_batch(config: MLPOConfig, spec: str, store: Any) -> tuple[Any, int]:
+    """Every usable leader group of `store` as one batch, and the generation budget it was sampled with."""
+    from types import SimpleNamespace
+
+    from mlpo_agents import zoo
     from mlpo_agents.trainers.batch import load_events, traces_to_batch
+
+    run = SimpleNamespace(config=config, base_model=zoo.base_model_id(spec), tokenizer=zoo.resolve(spec)[1])
 
     calls, rewards = load_events(store, roles=("leader",))
     if not calls:
@@ -619,9 +627,15 @@ def offline_steps(policy: Policy, config: MLPOConfig, store: Any) -> Any:
             f"offline mode: {config.traces} has no leader calls; record episodes with `mlpo run` first"
         )
     try:
-        full = traces_to_batch(calls, rewards, **batch_options(policy))
+        full = traces_to_batch(calls, rewards, **batch_options(run))
     except ValueError as e:
         raise type(e)(f"offline mode on {config.traces}: {e}") from None
+    # Dr. GRPO's constant: the generation budget the traces were sampled with.
+    return full, int(calls[0].sampling.get("max_tokens") or full.completion_lengths.max())
+
+
+def offline_steps(policy: Policy, config: MLPOConfig, full: Any, max_tokens: int) -> Any:
+    """A function `step -> metrics` over the recorded groups, `offline_epochs` passes, shuffled per epoch."""
     groups = len(full.group_ids)
     per_epoch = math.ceil(groups / config.questions_per_step)
     order: list[int] = []
@@ -629,8 +643,6 @@ def offline_steps(policy: Policy, config: MLPOConfig, store: Any) -> Any:
         perm = list(range(groups))
         random.Random(f"{config.seed}/{epoch}").shuffle(perm)
         order += perm
-    # Dr. GRPO's constant: the generation budget the traces were sampled with.
-    max_tokens = int(calls[0].sampling.get("max_tokens") or full.completion_lengths.max())
 
     def step(n: int) -> dict[str, Any]:
         chunk = (n - 1) % (per_epoch * config.offline_epochs)

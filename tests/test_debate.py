@@ -212,14 +212,15 @@ def test_sqlite_checkpointer_resumes_an_interrupted_debate_without_re_asking(tmp
                     {"question": "What is 2+2?", "round": 0, "turns": []}, config, context=ctx
                 )
             paused = await graph.aget_state(config)
-            assert paused.next == ("debater",) and paused.values["round"] == 1
+            assert set(paused.next) == {"debater"} and paused.values["round"] == 1
             asked_before = len(model.seen)
             final = await graph.ainvoke(None, config, context=ctx)  # same thread id: continue
             return asked_before, final
 
     asked_before, final = asyncio.run(interrupted_then_resumed())
-    assert asked_before == 5  # 3 in round 0, 2 in round 1 finished before the crash
-    assert len(model.seen) == 9  # only the crashed round-1 call and round 2 were asked after resuming
+    # Round 0 (3 calls) finished; the round-1 calls running beside the crash may or may not have.
+    assert 3 <= asked_before <= 5
+    assert len(model.seen) == 9  # after resuming, only what had not finished was asked: nothing twice
     assert sum(p.startswith("What is 2+2?\n\nYour previous") for p in model.prompts) == 6
     calls = store.calls()
     assert sorted((c.agent, c.round) for c in calls) == [

@@ -1,4 +1,4 @@
-"""In-process batched generation engine (transformers) and its litellm custom provider ``local/``.
+"""In-process batched generation engine (transformers) behind the litellm provider ``local/``.
 
 ``LocalEngine`` owns one model on a background daemon thread. Requests queue up; the worker runs
 *continuous batching*: between two decode steps it prefills newly arrived prompts (one forward per
@@ -12,12 +12,7 @@ what vLLM returns by default (``logprobs_mode="raw_logprobs"``) and what a fresh
 prompt + completion reproduces, which is how trainers use them. Pass ``logprobs_mode="processed"`` to
 get logprobs under the temperature-scaled distribution instead (top-p truncation is never included).
 
-The litellm provider (``register_local_provider()``) serves ``local/<spec>`` (base weights) and
-``local/<spec>@<adapter>`` (a LoRA adapter loaded with ``engine.load_adapter``) and answers in the same
-shape as litellm's ``hosted_vllm/`` with ``return_token_ids`` and ``logprobs``:
-``choices[i].message.content``, ``choices[i].finish_reason``,
-``choices[i].provider_specific_fields["token_ids"]``, ``choices[i].logprobs["content"][t]["logprob"]``,
-``response.prompt_token_ids`` and ``response.usage``.
+The litellm provider ``local/<spec>[@<adapter>]`` that routes calls here is in ``providers.py``.
 """
 
 from __future__ import annotations
@@ -635,107 +630,3 @@ def parse_local_model(model: str) -> tuple[str, str | None]:
         model = model[len("local/") :]
     spec, _, adapter = model.partition("@")
     return spec, adapter or None
-
-
-# ------------------------------------------------------------------------------------------- litellm provider
-
-_ENGINE_OPTION_KEYS = ("dtype", "max_batch_size", "device", "logprobs_mode", "num_threads")
-_provider_lock = threading.Lock()
-
-
-def _sampling_from_litellm(optional_params: dict[str, Any]) -> tuple[SamplingParams, dict[str, Any]]:
-    params = dict(optional_params or {})
-    extra = dict(params.pop("extra_body", None) or {})
-    params = {**extra, **params}
-    max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or 256
-    stop = params.get("stop") or ()
-    sampling = SamplingParams(
-        max_tokens=int(max_tokens),
-        temperature=float(params["temperature"]) if params.get("temperature") is not None else 1.0,
-        top_p=float(params["top_p"]) if params.get("top_p") is not None else 1.0,
-        n=int(params.get("n") or 1),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        seed=int(params["seed"]) if params.get("seed") is not None else None,
-    )
-    options = {k: params[k] for k in _ENGINE_OPTION_KEYS if params.get(k) is not None}
-    return sampling, options
-
-
-def _to_model_response(result: GenerationResult, engine: LocalEngine, model: str, model_response: Any) -> Any:
-    """Fill a litellm ModelResponse in the hosted_vllm shape (token ids, logprobs, prompt_token_ids)."""
-    from litellm.types.utils import ChoiceLogprobs, Choices, Message, Usage
-
-    choices = []
-    for i, sample in enumerate(result.samples):
-        # Like vLLM: each token's own decoded text (not the raw byte-level piece such as 'Ġ49').
-        pieces = engine.tokenizer.batch_decode([[t] for t in sample.token_ids])
-        content = [
-            {"token": piece, "logprob": lp, "bytes": None, "top_logprobs": []}
-            for piece, lp in zip(pieces, sample.logprobs, strict=True)
-        ]
-        choices.append(
-            Choices(
-                index=i,
-                finish_reason=sample.finish_reason,
-                message=Message(role="assistant", content=sample.text),
-                logprobs=ChoiceLogprobs(content=content),
-                provider_specific_fields={"token_ids": list(sample.token_ids)},
-            )
-        )
-    completion_tokens = sum(len(s.token_ids) for s in result.samples)
-    model_response.choices = choices
-    model_response.model = model
-    model_response.usage = Usage(
-        prompt_tokens=len(result.prompt_token_ids),
-        completion_tokens=completion_tokens,
-        total_tokens=len(result.prompt_token_ids) + completion_tokens,
-    )
-    model_response.prompt_token_ids = list(result.prompt_token_ids)
-    return model_response
-
-
-def _make_provider_class() -> type:
-    from litellm import CustomLLM
-
-    class LocalProvider(CustomLLM):
-        """litellm provider ``local/<spec>[@<adapter>]`` backed by shared ``LocalEngine``s."""
-
-        def _prepare(self, model: str, messages: list, optional_params: dict, litellm_params: dict | None):
-            spec, adapter = parse_local_model(model)
-            sampling, options = _sampling_from_litellm(optional_params)
-            for key in _ENGINE_OPTION_KEYS:
-                if key not in options and litellm_params and litellm_params.get(key) is not None:
-                    options[key] = litellm_params[key]
-            engine = get_engine(spec, **options)
-            return engine, adapter, sampling
-
-        def completion(self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs):
-            engine, adapter, sampling = self._prepare(model, messages, optional_params or {}, litellm_params)
-            result = engine.generate(messages, adapter=adapter, params=sampling)
-            return _to_model_response(result, engine, model, kwargs["model_response"])
-
-        async def acompletion(
-            self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs
-        ):
-            engine, adapter, sampling = self._prepare(model, messages, optional_params or {}, litellm_params)
-            result = await engine.agenerate(messages, adapter=adapter, params=sampling)
-            return _to_model_response(result, engine, model, kwargs["model_response"])
-
-    return LocalProvider
-
-
-def register_local_provider() -> Any:
-    """Register the ``local`` provider in ``litellm.custom_provider_map`` (idempotent); returns the handler."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    with _provider_lock:
-        for item in litellm.custom_provider_map:
-            if item["provider"] == "local":
-                return item["custom_handler"]
-        handler = _make_provider_class()()
-        litellm.custom_provider_map.append({"provider": "local", "custom_handler": handler})
-        from litellm.utils import custom_llm_setup
-
-        custom_llm_setup()
-        return handler

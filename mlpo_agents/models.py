@@ -100,7 +100,7 @@ class ModelClient:
         self.record_messages = record_messages
         self._litellm = _import_litellm()
         if any(d["litellm_params"]["model"].startswith("local/") for d in team.model_list):
-            from mlpo_agents.engine import register_local_provider
+            from mlpo_agents.providers import register_local_provider
 
             register_local_provider()
         settings = {"num_retries": 2, "timeout": 600, **team.router_settings}

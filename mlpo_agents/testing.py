@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlpo_agents.config import TeamConfig, parse_team
+from mlpo_agents.providers import Completion, fill_response, register_provider
 
 Reply = str | Callable[[list[dict[str, Any]]], str]
 
@@ -49,53 +50,33 @@ class ScriptedModel:
 
 
 def _response(model: ScriptedModel, messages: list[dict[str, Any]], n: int, model_response: Any) -> Any:
-    from litellm.types.utils import ChoiceLogprobs, Choices, Message, Usage
-
     prompt_ids = fake_token_ids("".join(str(m.get("content", "")) for m in messages))
-    choices: list[Any] = []
-    for i in range(n):
+    completions = []
+    for _ in range(n):
         text = model(messages)
         ids = fake_token_ids(text)
-        content: list[Any] = [{"token": str(t), "logprob": -0.5, "bytes": None, "top_logprobs": []} for t in ids]
-        choices.append(
-            Choices(
-                index=i, finish_reason="stop", message=Message(role="assistant", content=text),
-                logprobs=ChoiceLogprobs(content=content), provider_specific_fields={"token_ids": ids},
-            )
-        )
-    model_response.choices = choices
-    completion = sum(len(c.provider_specific_fields["token_ids"]) for c in choices)  # type: ignore[index]
-    model_response.usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                                 total_tokens=len(prompt_ids) + completion)
-    model_response.prompt_token_ids = prompt_ids
-    return model_response
+        completions.append(Completion(text, ids, [-0.5] * len(ids), [str(t) for t in ids], "stop"))
+    return fill_response(model_response, f"scripted/{model.name}", prompt_ids, completions)
+
+
+def _scripted_provider_class() -> type:
+    from litellm import CustomLLM
+
+    class ScriptedProvider(CustomLLM):
+        def completion(self, model, messages, *args, optional_params=None, **kwargs):  # type: ignore[override]
+            name = model.split("/", 1)[-1]
+            n = int((optional_params or {}).get("n") or 1)
+            return _response(_MODELS[name], messages, n, kwargs["model_response"])
+
+        async def acompletion(self, model, messages, *args, **kwargs):  # type: ignore[override]
+            return self.completion(model, messages, *args, **kwargs)
+
+    return ScriptedProvider
 
 
 def register_scripted_provider() -> None:
     """Register the `scripted` litellm provider (idempotent)."""
-    import os
-
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-    from litellm import CustomLLM
-
-    with _lock:
-        if any(p["provider"] == "scripted" for p in litellm.custom_provider_map):
-            return
-
-        class ScriptedProvider(CustomLLM):
-            def completion(self, model, messages, *args, optional_params=None, **kwargs):  # type: ignore[override]
-                name = model.split("/", 1)[-1]
-                n = int((optional_params or {}).get("n") or 1)
-                return _response(_MODELS[name], messages, n, kwargs["model_response"])
-
-            async def acompletion(self, model, messages, *args, **kwargs):  # type: ignore[override]
-                return self.completion(model, messages, *args, **kwargs)
-
-        litellm.custom_provider_map.append({"provider": "scripted", "custom_handler": ScriptedProvider()})
-        from litellm.utils import custom_llm_setup
-
-        custom_llm_setup()
+    register_provider("scripted", _scripted_provider_class())
 
 
 def scripted_team(

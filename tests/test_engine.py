@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mlpo_agents import zoo
-from mlpo_agents.engine import LocalEngine, get_engine, parse_local_model, register_local_provider
+from mlpo_agents.engine import LocalEngine, get_engine, parse_local_model
+from mlpo_agents.providers import register_local_provider
 
 PROMPTS = [
     [{"role": "user", "content": "What is 3 + 4?"}],

@@ -239,7 +239,14 @@ def test_cooperate_cross_mode_answers_every_draft_several_times(tmp_path):
     calls = store.calls(episode_id=result.episode_id)
     answers = [c for c in calls if c.role == "solver"]
     assert len(answers) == 6 and len({c.parent_call_id for c in answers}) == 2
-    assert build_topology("cooperate").get_graph().draw_mermaid().count("solver") >= 1
+
+
+def test_cooperate_mermaid_snapshot_and_bad_parameters():
+    snapshot = (Path(__file__).parent / "snapshots" / "cooperate.mmd").read_text()
+    assert build_topology("cooperate", samples=2, turns=2).get_graph().draw_mermaid() == snapshot
+    for params in ({"samples": 0}, {"solver_samples": 0}, {"turns": 0}):
+        with pytest.raises(ValueError, match=next(iter(params))):
+            build_topology("cooperate", **params)
 
 
 # ------------------------------------------------------------------------------------------- training

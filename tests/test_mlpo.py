@@ -269,7 +269,10 @@ def test_peer_pool_reuses_proposals_and_eval_and_sft_run(tmp_path, pseudo_reward
     assert set(result.evaluation["after"]) == {"team_accuracy", "solo_accuracy"}
     assert any("sft/loss" in r for r in result.history)
     store = TraceStore(tmp_path / "traces.sqlite")
-    assert {c.sampling.get("n") for c in store.calls() if c.role == "peer"} == {2}, "P=2 samples per peer"
+    # Step 1 samples from the SFT adapter (published as step-0); its peers drew P=2 samples for the pool.
+    step1 = {c.episode_id for c in store.calls(role="leader") if c.version == "step-0"}
+    assert step1, "the SFT warm-up adapter served the first GRPO rollout"
+    assert {c.sampling.get("n") for c in store.calls(episode_id=list(step1), role="peer")} == {2}
 
 
 # ------------------------------------------------------------------------------------------- DDP

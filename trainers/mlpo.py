@@ -297,8 +297,9 @@ def batch_options(policy: Any) -> dict[str, Any]:
     return dict(
         roles=("leader",),
         base_model=policy.base_model,
-        reward_names=("correct", "format"),
-        reward_weights={"correct": 1.0, "format": c.format_weight},
+        # Only ask for a format reward when it counts: stores recorded without one stay usable.
+        reward_names=("correct", "format") if c.format_weight else ("correct",),
+        reward_weights={"correct": 1.0, "format": c.format_weight} if c.format_weight else None,
         pad_token_id=policy.tokenizer.pad_token_id or 0,
         std_scale=c.std_scale,
         max_len=c.max_len,

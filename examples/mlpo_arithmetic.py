@@ -5,12 +5,14 @@ Measures held-out accuracy of the leader with its team and solo (peers=0), befor
 
     python examples/mlpo_arithmetic.py --minutes 30 --seed 0
 
-Choices made so a 135M model can move at all (see the README of the results for what it got):
+Choices made so a 135M model can move at all (the shipped SmolLM2 is the Q4_1 GGUF, dequantized; a
+greedy baseline run here got 0/12 easy sums right and wrote the answer block 1 time in 12):
 - Task: 2-operand addition/subtraction with operands 0..20 (`subset=easy, max_value=20`).
 - A system prompt for every role asking for a one-line answer ending in `<answer>N</answer>`: the
   base model otherwise never writes the answer block the reward reads.
-- Reward = correctness + `format_weight` x format (one well-formed `<answer>` block). With correctness
-  near zero at the start, the format term is the only early learning signal.
+- Reward = correctness + `format_weight` x format (one well-formed `<answer>` block), weight 1.0 by
+  default. With correctness at zero at the start, the format term is the only early learning signal.
+- Leader samples at temperature 0.7 (at 1.0 it wrote no answer block in 16 samples); evaluation is greedy.
 - Short completions (leader 40, peers 32 tokens) to fit many rollouts into the CPU budget.
 """
 
@@ -30,7 +32,7 @@ SYSTEM = (
 )
 
 
-def team_yaml(path: Path, leader_tokens: int, peer_tokens: int) -> Path:
+def team_yaml(path: Path, leader_tokens: int, peer_tokens: int, leader_temperature: float) -> Path:
     """Write the benchmark team: SmolLM2 leader (trainable) + 3 SmolLM2 peers on the local engine."""
     team = {
         "name": "mlpo-arithmetic",
@@ -68,7 +70,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--questions-per-step", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--format-weight", type=float, default=0.5)
+    parser.add_argument("--format-weight", type=float, default=1.0)
+    parser.add_argument("--leader-temperature", type=float, default=0.7, help="leader sampling temperature")
     parser.add_argument(
         "--max-steps", type=int, default=500, help="upper bound; --minutes usually stops first"
     )
@@ -79,7 +82,7 @@ def main() -> None:
 
     out = Path(args.out)
     config = MLPOConfig(
-        team=str(team_yaml(out / "team.yaml", leader_tokens=40, peer_tokens=32)),
+        team=str(team_yaml(out / "team.yaml", 40, 32, args.leader_temperature)),
         task="arithmetic",
         task_options={"subset": "easy", "max_value": 20},
         out=str(out),

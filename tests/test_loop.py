@@ -202,7 +202,7 @@ def test_cli_missing_trainer_is_a_clear_error(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(NotImplementedError, match="malt trainer .* not available"):
+    with pytest.raises(ValueError, match="malt trainer .* not available"):
         config_from_args(_args(["--algo", "malt"]))
 
 

@@ -30,7 +30,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint folder that cannot be resumed from; the message names the folder and the fix."""
 
 
@@ -292,7 +292,7 @@ def _trainer_module(algo: str) -> Any:
     except ModuleNotFoundError as e:
         if e.name != module_name:
             raise
-        raise NotImplementedError(
+        raise ValueError(
             f"`mlpo train --algo {algo}`: the {algo} trainer ({module_name}) is not available in this version yet; "
             "use --algo mlpo"
         ) from None

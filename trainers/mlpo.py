@@ -19,6 +19,7 @@ Deviations from the paper, and why:
 - Dr. GRPO's constant normaliser is the leader's `max_tokens` budget.
 - Optional SFT warm-up is rejection-sampled: correct leader completions of the team itself (or of a
   given trace store), not curated leader data.
+- A step whose groups all have equal rewards (zero advantages) makes no optimizer step.
 - A format reward can be added to correctness with weight `format_weight` (0 by default, as in the paper).
 """
 
@@ -307,10 +308,13 @@ def batch_options(policy: Any) -> dict[str, Any]:
 
 
 def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
-    """`update_epochs` GRPO steps on one batch."""
+    """`update_epochs` GRPO steps on one batch (none when every group's rewards are equal: no signal)."""
     from mlpo_agents.trainers.update import policy_update
 
     c = policy.config
+    if c.kl_coef == 0 and not batch.advantages.any():
+        # A zero gradient would still move the weights through Adam's momentum; skip the step instead.
+        return {"loss": 0.0, "grad_norm": 0.0, "update_skipped": 1.0}
     for _ in range(c.update_epochs):
         metrics = policy_update(
             policy.model,

@@ -56,6 +56,8 @@ class CellResult:
     """Model calls (a call with n samples counts once) per finished question."""
     wall_s: float
     """Wall time spent running this cell, summed over resumed invocations."""
+    answered: int
+    """Finished episodes with a parseable final answer (`<answer>` block or `\\boxed{}`); the rest score 0."""
     degraded: int
     """Finished episodes in which some agent failed and the team answered anyway."""
     failed: int
@@ -136,6 +138,7 @@ def cell_from_store(store: Any, team: str, task: str, task_ids: list[str], wall_
         prompt_tokens_per_q=per_q(sum(c.prompt_tokens for c in calls if c.sample_index == 0)),
         calls_per_q=per_q(len({c.group_id for c in calls})),
         wall_s=wall_s,
+        answered=sum(ep.final_answer is not None for ep in done),
         degraded=sum(ep.status == "degraded" for ep in done),
         failed=failed,
         questions=len(wanted),
@@ -252,19 +255,20 @@ def _fmt(x: float, digits: int = 1) -> str:
 def results_markdown(report: EvalReport) -> str:
     """The results table as markdown (one row per team × task)."""
     lines = [
-        "| Team | Task | n | Accuracy | 95% CI (Wilson) | Completion tokens / q | Calls / q | Wall (s) | Degraded | Failed |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| Team | Task | n | Accuracy | 95% CI (Wilson) | Completion tokens / q | Calls / q | Answered | Wall (s) | Degraded | Failed |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report.cells:
         lines.append(
             f"| {c.team} | {c.task} | {c.n} | {_fmt(c.accuracy, 3)} | [{c.ci_low:.3f}, {c.ci_high:.3f}] | "
-            f"{_fmt(c.completion_tokens_per_q, 0)} | {_fmt(c.calls_per_q, 1)} | {c.wall_s:.0f} | {c.degraded} | {c.failed} |"
+            f"{_fmt(c.completion_tokens_per_q, 0)} | {_fmt(c.calls_per_q, 1)} | {c.answered}/{c.n} | {c.wall_s:.0f} | {c.degraded} | {c.failed} |"
         )
     return (
         f"Command: `{report.command}`\n\n"
         + "\n".join(lines)
         + f"\n\nTotal wall time: {report.wall_s:.0f} s. "
-        "Accuracy is the mean episode-level `correct` reward over finished episodes.\n"
+        "Accuracy is the mean episode-level `correct` reward over finished episodes; Answered counts the "
+        "episodes whose final answer parsed (an `<answer>` block or `\\boxed{}`): an unparsed answer scores 0.\n"
     )
 
 

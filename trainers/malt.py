@@ -197,9 +197,8 @@ def assign_values(roots: Sequence[Node], threshold: float = 0.5, propagate: str 
         else:
             valued = [(v, child) for child in node.children if (v := visit(child)) is not None]
             if propagate == "binarized":
-                node.value = (
-                    sum(float(child.positive) for _, child in valued) / len(valued) if valued else None
-                )
+                labels = [1.0 if child.positive else 0.0 for _, child in valued]
+                node.value = sum(labels) / len(labels) if labels else None
             else:
                 node.value = sum(v for v, _ in valued) / len(valued) if valued else None
         node.positive = None if node.value is None else node.value > threshold
@@ -294,6 +293,7 @@ def build_datasets(roots: Sequence[Node], max_pairs_per_parent: int | None = Non
         negatives = [n for n in siblings if n.positive is False]
         pairs = [(p, n) for p, n in itertools.product(positives, negatives) if p.value != n.value]
         for chosen, rejected in pairs[:max_pairs_per_parent]:
+            assert chosen.value is not None and rejected.value is not None  # labelled, hence valued
             d = data[chosen.role]
             if chosen.call.prompt_token_ids != rejected.call.prompt_token_ids:
                 d.counts["prompt_mismatch"] += 1  # siblings always share a prompt; never pair across prompts
@@ -305,8 +305,8 @@ def build_datasets(roots: Sequence[Node], max_pairs_per_parent: int | None = Non
                     list(chosen.call.prompt_token_ids),
                     list(chosen.call.completion_token_ids),
                     list(rejected.call.completion_token_ids),
-                    float(chosen.value),
-                    float(rejected.value),  # type: ignore[arg-type]
+                    chosen.value,
+                    rejected.value,
                     chosen.call.call_id,
                     rejected.call.call_id,
                 )
@@ -487,7 +487,7 @@ def role_spec(team: Any, role: str) -> str:
 
 def seeded(team: Any, seed: int, name: str, temperature: float | None = None, **params: Any) -> Any:
     """A copy of `team` with new params and name, every agent (`generator-k`, ...) sampling with its own seed."""
-    roles = {}
+    roles: dict[str, Any] = {}
     chains = int({**team.params, **params}.get("chains", 1))
     for i, (role, k) in enumerate(itertools.product(ROLES, range(1, chains + 1))):
         rc = team.role(role).model_copy(deep=True)

@@ -67,7 +67,7 @@ def agent_node(
 def make_turn(sample: Any, agent: str, role: str, round_: int) -> Turn:
     """A Turn from a ModelClient sample."""
     return Turn(
-        agent=agent, role=role, round=round_, text=sample.text, answer=extract_answer(sample.text),
+        agent=agent, role=role, round=round_, text=sample.text, answer=extract_answer(sample.text, lenient=True),
         call_id=sample.call_id, group_id=sample.group_id, sample_index=sample.sample_index,
     )
 

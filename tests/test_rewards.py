@@ -199,3 +199,22 @@ def test_answer_prompt_and_unknown_kind():
     assert "False" not in answer_prompt(Task("x", "q", "no", "exact", {"match": "label"}))
     with pytest.raises(ValueError, match="unknown task kind"):
         score(Task("x", "q", "1", "essay", {}), answer("1"))
+
+
+def test_lenient_extraction_for_models_that_ignore_the_format():
+    lenient = {
+        "The correct option is B. Reflection.": "B. Reflection",
+        "so 3+4 = 7 and 7*2 = 14 apples": "14",
+        "The answer is 42 apples.": "42",
+        "<answer>17": "17",
+        "Answer: \\frac{3}{4}": "\\frac{3}{4}",
+        "total 1,234 dollars.": "1,234",
+        "nothing here": None,
+    }
+    for text, expected in lenient.items():
+        assert extract_answer(text, lenient=True) == expected, text
+        assert extract_answer(text) is None  # strict: only <answer> blocks and \boxed{}
+    assert extract_answer("<answer>5</answer> but 7", lenient=True) == "5"
+    mc = Task(id="m", question="q", answer="B", kind="choice", meta={"options": {"A": "Fire", "B": "Reflection"}})
+    assert score(mc, "The correct option is B. Reflection.") == 1.0
+    assert format_reward("The correct option is B. Reflection.") == 0.0

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand with `add_subcommand(subparsers)`. They import heavy
 # dependencies (torch, vllm clients) inside their command functions, so `mlpo --help` stays fast.
-PLUGGED_COMMANDS: tuple[str, ...] = ("mlpo_agents.evaluate", "mlpo_agents.trainers.loop")
+PLUGGED_COMMANDS: tuple[str, ...] = ("mlpo_agents.evaluate", "mlpo_agents.trainers.loop", "mlpo_agents.serve")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,7 +155,7 @@ def parse_team(data: dict[str, Any], source: str = "<team config>") -> TeamConfi
 def load_team(path: str | Path) -> TeamConfig:
     """Load and validate a team YAML file."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         builtin = Path(__file__).parent / "teams" / f"{p.name}.yaml"
         if builtin.exists():
             p = builtin

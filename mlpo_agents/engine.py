@@ -12,7 +12,8 @@ what vLLM returns by default (``logprobs_mode="raw_logprobs"``) and what a fresh
 prompt + completion reproduces, which is how trainers use them. Pass ``logprobs_mode="processed"`` to
 get logprobs under the temperature-scaled distribution instead (top-p truncation is never included).
 
-The litellm provider ``local/<spec>[@<adapter>]`` that routes calls here is in ``providers.py``.
+The litellm provider ``local/<spec>[@<adapter>]`` that routes calls here is in ``providers.py``; the
+growing KV cache of the running batch and its merge helpers are in ``kv_cache.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from mlpo_agents import zoo
+from mlpo_agents.kv_cache import append_cache_rows, growing_cache_from, keep_cache_rows, left_pad_mask
 
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in a mixed-adapter batch."""
@@ -388,25 +390,15 @@ class LocalEngine:
         new_last = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         if self._cache is None:
             width = mask.shape[1]
-            self._cache = self._new_cache()
-            for layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-                layer.reset_to([new_layer.keys], [new_layer.values], width)
+            self._cache = growing_cache_from(self._base_model.config, cache, width)
             self._rows, self._mask, self._positions, self._last_tokens = list(rows), mask, positions, new_last
             return
         width = max(self._mask.shape[1], mask.shape[1])
-        for layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            layer.reset_to([layer.keys, new_layer.keys], [layer.values, new_layer.values], width)
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
+        append_cache_rows(self._cache, cache, width)
+        self._mask = torch.cat([left_pad_mask(self._mask, width), left_pad_mask(mask, width)], dim=0)
         self._positions = torch.cat([self._positions, positions])
         self._last_tokens = torch.cat([self._last_tokens, new_last])
         self._rows.extend(rows)
-
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self._base_model.config)
-        cache.layers = [_GrowingLayer() for _ in cache.layers]
-        return cache
 
     def _decode_step(self) -> None:
         batch = len(self._rows)
@@ -523,9 +515,7 @@ class LocalEngine:
         # Trim columns that are padding for every remaining row.
         start = int(mask.any(dim=0).to(torch.int8).argmax())
         self._mask = mask[:, start:]
-        width = self._mask.shape[1]
-        for layer in self._cache.layers:
-            layer.reset_to([layer.keys[keep, :, start:]], [layer.values[keep, :, start:]], width)
+        keep_cache_rows(self._cache, keep, start, self._mask.shape[1])
         self._positions = self._positions[keep]
         self._last_tokens = self._last_tokens[keep]
 
@@ -539,63 +529,6 @@ def _close_live_engines() -> None:
     # Stop worker threads before interpreter teardown (a daemon thread killed inside torch aborts the process).
     for engine in list(_live_engines):
         engine.close()
-
-
-def _growing_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        """A DynamicLayer over a preallocated buffer: appending a token writes in place instead of torch.cat."""
-
-        chunk = 128
-
-        def reset_to(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
-            """Rebuild the buffer from batch blocks (B_i, H, L_i, D), each left-padded to ``width``."""
-            first = keys[0]
-            batch = sum(k.shape[0] for k in keys)
-            capacity = width + self.chunk
-            self.dtype, self.device = first.dtype, first.device
-            self.key_buffer = first.new_zeros(batch, first.shape[1], capacity, first.shape[3])
-            self.value_buffer = first.new_zeros(batch, values[0].shape[1], capacity, values[0].shape[3])
-            row = 0
-            for k, v in zip(keys, values, strict=True):
-                self.key_buffer[row : row + k.shape[0], :, width - k.shape[2] : width] = k
-                self.value_buffer[row : row + v.shape[0], :, width - v.shape[2] : width] = v
-                row += k.shape[0]
-            self.length = width
-            self.keys = self.key_buffer[:, :, :width]
-            self.values = self.value_buffer[:, :, :width]
-            self.is_initialized = True
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
-            if end > self.key_buffer.shape[2]:
-                self.reset_to([self.keys], [self.values], self.length)
-            self.key_buffer[:, :, self.length : end] = key_states
-            self.value_buffer[:, :, self.length : end] = value_states
-            self.length = end
-            self.keys = self.key_buffer[:, :, :end]
-            self.values = self.value_buffer[:, :, :end]
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
-_GROWING_LAYER: type | None = None
-
-
-def _GrowingLayer() -> Any:  # noqa: N802 - constructor-like factory; transformers is imported lazily
-    global _GROWING_LAYER
-    if _GROWING_LAYER is None:
-        _GROWING_LAYER = _growing_layer_class()
-    return _GROWING_LAYER()
-
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    if missing == 0:
-        return mask
-    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
 
 
 # ------------------------------------------------------------------------------------------- engine registry

@@ -3,11 +3,8 @@
 One run folder (`runs/<name>/`) holds everything: `traces.sqlite` (every episode, call and reward),
 `results.json`, `results.md` and two plots. Each (team, task) cell is a `run_team` call recorded under
 task name `<task>[:<subset>]` and the team's name, so `--resume` skips the rows a cell already
-finished. The numbers are computed from the recorded episode-level `correct` rewards in the trace
-store, never from the in-memory run alone, so a resumed run counts its earlier episodes.
-
-Accuracy is over finished episodes (`done` or `degraded`); a `failed` episode has no reward (it is
-not scored as wrong) and is counted in the `failed` column instead.
+finished. The numbers are computed from the trace store and rendered by `report.py` (scoring rules in
+its docstring), so a resumed run counts its earlier episodes.
 """
 
 from __future__ import annotations
@@ -15,135 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any
 
-Z_95 = 1.959963984540054
-"""Standard normal quantile for a two-sided 95% interval."""
-
-
-@dataclass
-class CellResult:
-    """The numbers of one team on one task, computed from the trace store."""
-
-    team: str
-    """Team name (with `+<adapter>` when an adapter serves the trainable role)."""
-    task: str
-    """Task label: `<task>` or `<task>:<subset>`; also the task name recorded in the traces."""
-    n: int
-    """Questions with a finished episode (done or degraded): the accuracy denominator."""
-    correct: float
-    """Sum of the episode-level `correct` rewards."""
-    accuracy: float
-    """correct / n (NaN when n = 0)."""
-    ci_low: float
-    """Lower end of the 95% Wilson score interval."""
-    ci_high: float
-    """Upper end of the 95% Wilson score interval."""
-    completion_tokens_per_q: float
-    """Completion tokens of every agent's calls, averaged over finished questions."""
-    prompt_tokens_per_q: float
-    """Prompt tokens of every call, averaged over finished questions."""
-    calls_per_q: float
-    """Model calls (a call with n samples counts once) per finished question."""
-    wall_s: float
-    """Wall time spent running this cell, summed over resumed invocations."""
-    answered: int
-    """Finished episodes with a parseable final answer (`<answer>` block or `\\boxed{}`); the rest score 0."""
-    degraded: int
-    """Finished episodes in which some agent failed and the team answered anyway."""
-    failed: int
-    """Questions whose latest episode failed (no answer, no reward)."""
-    questions: int
-    """Questions in the sample."""
-
-
-@dataclass
-class EvalReport:
-    """Everything `results.json` holds."""
-
-    name: str
-    command: str
-    teams: dict[str, dict[str, Any]]
-    tasks: list[str]
-    limit: int | None
-    seed: int
-    cells: list[CellResult] = field(default_factory=list)
-    wall_s: float = 0.0
-    created_at: float = field(default_factory=time.time)
-
-
-# ---------------------------------------------------------------------------------------- statistics
-
-
-def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion (successes out of n); (0, 1) when n = 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low = 0.0 if p == 0 else max(0.0, centre - half)  # exact ends: rounding must not cross the estimate
-    high = 1.0 if p == 1 else min(1.0, centre + half)
-    return low, high
-
-
-def cell_from_store(store: Any, team: str, task: str, task_ids: list[str], wall_s: float = 0.0) -> CellResult:
-    """Score one (team, task) cell from the trace store: the latest finished episode per sampled question."""
-    wanted = set(task_ids)
-    latest: dict[str, Any] = {}
-    for ep in store.episodes(task=task, team=team):  # insertion order: later episodes win
-        if ep.task_id not in wanted or ep.status == "running":
-            continue
-        finished = ep.status in ("done", "degraded")
-        if finished or latest.get(ep.task_id) is None or latest[ep.task_id].status == "failed":
-            latest[ep.task_id] = ep
-    done = [ep for ep in latest.values() if ep.status in ("done", "degraded")]
-    failed = sum(ep.status == "failed" for ep in latest.values())
-    ids = [ep.episode_id for ep in done]
-    rewards = (
-        {r.episode_id: r.value for r in store.rewards(episode_id=ids, name="correct") if r.call_id is None}
-        if ids
-        else {}
-    )
-    missing = [i for i in ids if i not in rewards]
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} finished episodes of {team} on {task} have no episode-level `correct` reward "
-            f"(e.g. {missing[0]}); the trace store is incomplete, rerun this cell without --resume"
-        )
-    calls = store.calls(episode_id=ids) if ids else []
-    n = len(done)
-    correct = float(sum(rewards.values()))
-    low, high = wilson_interval(correct, n)
-    per_q = (lambda total: total / n) if n else (lambda total: float("nan"))
-    return CellResult(
-        team=team,
-        task=task,
-        n=n,
-        correct=correct,
-        accuracy=correct / n if n else float("nan"),
-        ci_low=low,
-        ci_high=high,
-        completion_tokens_per_q=per_q(sum(c.completion_tokens for c in calls)),
-        prompt_tokens_per_q=per_q(sum(c.prompt_tokens for c in calls if c.sample_index == 0)),
-        calls_per_q=per_q(len({c.group_id for c in calls})),
-        wall_s=wall_s,
-        answered=sum(ep.final_answer is not None for ep in done),
-        degraded=sum(ep.status == "degraded" for ep in done),
-        failed=failed,
-        questions=len(wanted),
-    )
-
+from mlpo_agents.report import EvalReport, cell_from_store, format_number, results_markdown, write_reports
 
 # ---------------------------------------------------------------------------------------- inputs
 
@@ -245,101 +123,7 @@ def apply_adapter(team: Any, client: Any, folder: str | Path) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------------- outputs
-
-
-def _fmt(x: float, digits: int = 1) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def results_markdown(report: EvalReport) -> str:
-    """The results table as markdown (one row per team × task)."""
-    lines = [
-        "| Team | Task | n | Accuracy | 95% CI (Wilson) | Completion tokens / q | Calls / q | Answered | Wall (s) | Degraded | Failed |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in report.cells:
-        lines.append(
-            f"| {c.team} | {c.task} | {c.n} | {_fmt(c.accuracy, 3)} | [{c.ci_low:.3f}, {c.ci_high:.3f}] | "
-            f"{_fmt(c.completion_tokens_per_q, 0)} | {_fmt(c.calls_per_q, 1)} | {c.answered}/{c.n} | {c.wall_s:.0f} | {c.degraded} | {c.failed} |"
-        )
-    return (
-        f"Command: `{report.command}`\n\n"
-        + "\n".join(lines)
-        + f"\n\nTotal wall time: {report.wall_s:.0f} s. "
-        "Accuracy is the mean episode-level `correct` reward over finished episodes; Answered counts the "
-        "episodes whose final answer parsed (an `<answer>` block or `\\boxed{}`): an unparsed answer scores 0.\n"
-    )
-
-
-def plot_results(report: EvalReport, out_dir: Path) -> list[Path]:
-    """accuracy.png (bars with Wilson error bars) and accuracy_vs_tokens.png (accuracy against cost)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    teams = list(dict.fromkeys(c.team for c in report.cells))
-    tasks = list(dict.fromkeys(c.task for c in report.cells))
-    cell = {(c.team, c.task): c for c in report.cells}
-    colours = plt.get_cmap("tab10")
-    width = 0.8 / max(len(teams), 1)
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) * max(1, len(teams)) ** 0.5), 4))
-    for i, team in enumerate(teams):
-        xs, ys, err_low, err_high = [], [], [], []
-        for j, task in enumerate(tasks):
-            c = cell.get((team, task))
-            if c is None or c.n == 0:
-                continue
-            xs.append(j + (i - (len(teams) - 1) / 2) * width)
-            ys.append(c.accuracy)
-            err_low.append(max(0.0, c.accuracy - c.ci_low))
-            err_high.append(max(0.0, c.ci_high - c.accuracy))
-        ax.bar(xs, ys, width, yerr=[err_low, err_high], capsize=3, label=team, color=colours(i % 10))
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (95% Wilson CI)")
-    ax.set_title(f"{report.name}: accuracy by team and task")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    accuracy_png = out_dir / "accuracy.png"
-    fig.savefig(accuracy_png, dpi=120)
-    plt.close(fig)
-
-    markers = "osD^vP*X"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, team in enumerate(teams):
-        for j, task in enumerate(tasks):
-            c = cell.get((team, task))
-            if c is None or c.n == 0:
-                continue
-            ax.errorbar(
-                c.completion_tokens_per_q,
-                c.accuracy,
-                yerr=[[max(0.0, c.accuracy - c.ci_low)], [max(0.0, c.ci_high - c.accuracy)]],
-                fmt=markers[j % len(markers)],
-                color=colours(i % 10),
-                capsize=3,
-                label=team if j == 0 else None,
-            )
-            ax.annotate(
-                task,
-                (c.completion_tokens_per_q, c.accuracy),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize="x-small",
-            )
-    ax.set_xlabel("completion tokens per question (all agents)")
-    ax.set_ylabel("accuracy (95% Wilson CI)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{report.name}: accuracy against tokens spent")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    tokens_png = out_dir / "accuracy_vs_tokens.png"
-    fig.savefig(tokens_png, dpi=120)
-    plt.close(fig)
-    return [accuracy_png, tokens_png]
+# ---------------------------------------------------------------------------------------- run folder
 
 
 def _previous_walls(path: Path) -> dict[tuple[str, str], float]:
@@ -491,33 +275,11 @@ async def _run_cells(
             cell = cell_from_store(store, team.name, label, [r.id for r in rows], wall)
             report.cells.append(cell)
             print(
-                f"[{team.name} × {label}] accuracy {_fmt(cell.accuracy, 3)} ({cell.correct:.0f}/{cell.n}) "
-                f"CI [{cell.ci_low:.3f}, {cell.ci_high:.3f}]  {_fmt(cell.completion_tokens_per_q, 0)} tok/q  "
+                f"[{team.name} × {label}] accuracy {format_number(cell.accuracy, 3)} ({cell.correct:.0f}/{cell.n}) "
+                f"CI [{cell.ci_low:.3f}, {cell.ci_high:.3f}]  {format_number(cell.completion_tokens_per_q, 0)} tok/q  "
                 f"ran {summary.episodes + summary.failed}, resumed {summary.skipped}  {summary.wall_s:.0f}s",
                 file=sys.stderr,
             )
-
-
-def write_reports(report: EvalReport, out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write results.json, results.md and (with plots) the two PNG files; returns their paths."""
-    data = _nan_to_none(asdict(report))  # strict JSON: an empty cell's NaN becomes null
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
-    md_path.write_text(results_markdown(report))
-    paths = [json_path, md_path]
-    if plots:
-        paths += plot_results(report, out_dir)
-    return paths
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

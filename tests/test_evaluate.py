@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlpo_agents.cli import main
-from mlpo_agents.evaluate import wilson_interval
+from mlpo_agents.report import wilson_interval
 from mlpo_agents.tasks import load_task
 from mlpo_agents.testing import ScriptedModel, register_scripted_provider
 from mlpo_agents.trace import TraceStore

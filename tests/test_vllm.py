@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from mlpo_agents import serve
+from mlpo_agents import vllm_server
 from mlpo_agents.config import load_team, parse_team
-from mlpo_agents.serve import VLLMServer, load_lora, unload_lora, weights_folder
+from mlpo_agents.serve import weights_folder
 from mlpo_agents.tasks.base import Task
+from mlpo_agents.vllm_server import VLLMServer, load_lora, unload_lora
 
 pytestmark = pytest.mark.vllm
 
@@ -50,8 +51,8 @@ def _ci() -> bool:
 @pytest.fixture(scope="module", autouse=True)
 def require_vllm():
     try:
-        serve.vllm_python()
-    except serve.VLLMNotInstalledError as e:
+        vllm_server.vllm_python()
+    except vllm_server.VLLMNotInstalledError as e:
         if _ci():
             pytest.fail(f"CI is set but the vllm tier cannot run: {e}", pytrace=False)
         pytest.skip(f"vllm venv not installed ({e})")
@@ -278,7 +279,7 @@ def test_lora_hot_reload_switches_the_leader_without_restart(server, engine, sto
 
     unload_lora(server, "leader-v1")
     assert "leader-v1" not in server.models()
-    with pytest.raises(serve.VLLMServerError, match="cannot be found"):
+    with pytest.raises(vllm_server.VLLMServerError, match="cannot be found"):
         unload_lora(server, "leader-v1")
 
 
@@ -286,7 +287,7 @@ def test_load_lora_errors_name_the_problem(server, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_lora(server, "nothing", tmp_path)
     no_lora = VLLMServer(weights_folder("tiny-test"), "x", enable_lora=False)
-    with pytest.raises(serve.VLLMServerError, match="enable_lora=True"):
+    with pytest.raises(vllm_server.VLLMServerError, match="enable_lora=True"):
         load_lora(no_lora, "x", tmp_path)
 
 

@@ -143,7 +143,7 @@ def test_model_client_parser_reads_replayed_response(litellm, name):
         assert logprobs == [c["logprob"] for c in raw_choice["logprobs"]["content"]]
 
 
-# ---- serve.py error paths, with a fake interpreter standing in for the vllm venv ------------------------
+# ---- vllm_server.py and serve.py error paths, with a fake interpreter standing in for the vllm venv ----
 
 
 def fake_venv(tmp_path: Path, script: str) -> Path:
@@ -155,26 +155,26 @@ def fake_venv(tmp_path: Path, script: str) -> Path:
 
 
 def test_missing_vllm_venv_says_how_to_install(tmp_path, monkeypatch):
-    from mlpo_agents import serve
+    from mlpo_agents import serve, vllm_server
 
     monkeypatch.setenv("MLPO_VLLM_VENV", str(tmp_path / "nope"))
-    with pytest.raises(serve.VLLMNotInstalledError, match="scripts/install_vllm_cpu.sh"):
-        serve.VLLMServer(tmp_path, "m").start()
-    with pytest.raises(serve.VLLMNotInstalledError, match="install_vllm_cpu.sh"):
+    with pytest.raises(vllm_server.VLLMNotInstalledError, match="scripts/install_vllm_cpu.sh"):
+        vllm_server.VLLMServer(tmp_path, "m").start()
+    with pytest.raises(vllm_server.VLLMNotInstalledError, match="install_vllm_cpu.sh"):
         serve.serve_team(None)  # checked before the team is even looked at
 
 
 def test_server_exiting_during_startup_is_one_line_with_log_and_last_line(tmp_path):
-    from mlpo_agents import serve
+    from mlpo_agents import vllm_server
 
     venv = fake_venv(
         tmp_path, 'echo "loading $*"\necho "ValueError: head size 48 is not supported" >&2\nexit 3\n'
     )
-    server = serve.VLLMServer(tmp_path, "m", venv=venv, log_path=tmp_path / "m.log", enable_lora=True)
+    server = vllm_server.VLLMServer(tmp_path, "m", venv=venv, log_path=tmp_path / "m.log", enable_lora=True)
     assert "--enable-lora" in server.command() and "--max-lora-rank" in server.command()
     assert server.environment()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert server.environment()["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    with pytest.raises(serve.VLLMServerError) as err:
+    with pytest.raises(vllm_server.VLLMServerError) as err:
         server.start().wait_healthy(timeout=30)
     message = str(err.value)
     assert "\n" not in message and "exited with code 3" in message
@@ -184,11 +184,11 @@ def test_server_exiting_during_startup_is_one_line_with_log_and_last_line(tmp_pa
 
 
 def test_startup_timeout_shows_the_log_tail_and_kills_the_process_group(tmp_path):
-    from mlpo_agents import serve
+    from mlpo_agents import vllm_server
 
     venv = fake_venv(tmp_path, 'echo "still loading"\nsleep 300 &\nwait\n')
-    server = serve.VLLMServer(tmp_path, "m", venv=venv, log_path=tmp_path / "m.log")
-    with pytest.raises(serve.VLLMServerError, match="not healthy after 1s") as err:
+    server = vllm_server.VLLMServer(tmp_path, "m", venv=venv, log_path=tmp_path / "m.log")
+    with pytest.raises(vllm_server.VLLMServerError, match="not healthy after 1s") as err:
         server.start().wait_healthy(timeout=1.0, poll_s=0.1)
     assert "still loading" in str(err.value)
     assert not server.is_running()
@@ -252,11 +252,11 @@ def test_serve_team_picks_local_and_loopback_vllm_deployments_only():
 
 
 def test_served_team_finds_the_server_behind_a_role(tmp_path):
-    from mlpo_agents import serve
+    from mlpo_agents import serve, vllm_server
     from mlpo_agents.config import ConfigError, load_team
 
     team = load_team("tiny")
-    server = serve.VLLMServer(tmp_path, "tiny-test", port=1)
+    server = vllm_server.VLLMServer(tmp_path, "tiny-test", port=1)
     served = serve.ServedTeam([server], team, {"tiny": server})
     assert served.server_for("leader") is server and served.server_for("peer-2") is server
     with pytest.raises(ConfigError, match="not served by vLLM"):

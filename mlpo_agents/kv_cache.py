@@ -1,0 +1,101 @@
+"""The KV cache of LocalEngine's running batch: a transformers DynamicCache whose layers grow in place.
+
+Continuous batching keeps one cache for every row in flight. Each layer is a `GrowingLayer`: a
+preallocated (B, H, capacity, D) buffer that a decode step writes into instead of re-concatenating the
+whole cache. Rows are left-padded to a common width; the helpers here build such a cache from a prefilled
+one, append newly prefilled rows, and keep a subset of rows while trimming leading all-padding columns.
+They hold no engine state: `engine.py` owns the batch (rows, attention mask, positions) and calls them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def new_growing_cache(config: Any) -> Any:
+    """An empty DynamicCache for a model `config` whose layers are all `GrowingLayer`s."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    cache.layers = [_GrowingLayer() for _ in cache.layers]
+    return cache
+
+
+def growing_cache_from(config: Any, cache: Any, width: int) -> Any:
+    """A growing cache holding the rows of a prefilled `cache`, left-padded to `width`."""
+    growing = new_growing_cache(config)
+    for layer, new_layer in zip(growing.layers, cache.layers, strict=True):
+        layer.reset_to([new_layer.keys], [new_layer.values], width)
+    return growing
+
+
+def append_cache_rows(cache: Any, new: Any, width: int) -> None:
+    """Append the rows of `new` below those of growing `cache`, both left-padded to `width`."""
+    for layer, new_layer in zip(cache.layers, new.layers, strict=True):
+        layer.reset_to([layer.keys, new_layer.keys], [layer.values, new_layer.values], width)
+
+
+def keep_cache_rows(cache: Any, keep: torch.Tensor, start: int, width: int) -> None:
+    """Keep rows `keep` (B',) of growing `cache` and drop its first `start` columns, leaving `width`."""
+    for layer in cache.layers:
+        layer.reset_to([layer.keys[keep, :, start:]], [layer.values[keep, :, start:]], width)
+
+
+def left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad a (B, L) attention mask with False (padding) up to (B, width)."""
+    missing = width - mask.shape[1]
+    if missing == 0:
+        return mask
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)
+
+
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer over a preallocated buffer: appending a token writes in place instead of torch.cat."""
+
+        chunk = 128
+
+        def reset_to(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
+            """Rebuild the buffer from batch blocks (B_i, H, L_i, D), each left-padded to ``width``."""
+            first = keys[0]
+            batch = sum(k.shape[0] for k in keys)
+            capacity = width + self.chunk
+            self.dtype, self.device = first.dtype, first.device
+            self.key_buffer = first.new_zeros(batch, first.shape[1], capacity, first.shape[3])
+            self.value_buffer = first.new_zeros(batch, values[0].shape[1], capacity, values[0].shape[3])
+            row = 0
+            for k, v in zip(keys, values, strict=True):
+                self.key_buffer[row : row + k.shape[0], :, width - k.shape[2] : width] = k
+                self.value_buffer[row : row + v.shape[0], :, width - v.shape[2] : width] = v
+                row += k.shape[0]
+            self.length = width
+            self.keys = self.key_buffer[:, :, :width]
+            self.values = self.value_buffer[:, :, :width]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self.key_buffer.shape[2]:
+                self.reset_to([self.keys], [self.values], self.length)
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys = self.key_buffer[:, :, :end]
+            self.values = self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+_GROWING_LAYER: type | None = None
+
+
+def _GrowingLayer() -> Any:  # noqa: N802 - constructor-like factory; transformers is imported lazily
+    global _GROWING_LAYER
+    if _GROWING_LAYER is None:
+        _GROWING_LAYER = _growing_layer_class()
+    return _GROWING_LAYER()

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlpo_agents.graphs import build_topology
 from mlpo_agents.models import ModelClient
 from mlpo_agents.runner import run_episode
-from mlpo_agents.graphs import build_topology
 from mlpo_agents.tasks.base import Task
 from mlpo_agents.testing import ScriptedModel, scripted_team
 from mlpo_agents.trace import TraceStore

@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from langgraph.graph import START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
 from mlpo_agents.graphs.leader_peers import leader_done, leader_prompt, peer_prompt
 from mlpo_agents.graphs.nodes import agent_ids, agent_node, fan_out, require, round_loop
-from mlpo_agents.graphs.state import TeamContext, TeamState, Turn
+from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
 
 
 class PeerPool:
@@ -86,7 +85,7 @@ def build_pooled_peers(
     pool: PeerPool | None = None,
     pool_samples: int | None = None,
     checkpointer: Any = None,
-) -> CompiledStateGraph:
+) -> TeamGraph:
     """K pooled peers → leader, repeated for `rounds` rounds (`pool=None` starts an empty pool)."""
     require(
         peers >= 1, f"peers={peers}: a peer pool needs at least 1 peer (use leader_peers for a solo leader)"

@@ -192,7 +192,7 @@ class LocalEngine:
         if (messages is None) == (prompt_token_ids is None):
             raise ValueError("Pass exactly one of messages or prompt_token_ids")
         params = params or SamplingParams(**sampling)
-        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.encode_messages(messages)
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.encode_messages(messages or [])
         if not ids:
             raise ValueError("Empty prompt")
         if len(ids) >= self.max_positions:
@@ -250,9 +250,10 @@ class LocalEngine:
     def _reset_batch(self) -> None:
         self._rows: list[_Row] = []
         self._cache: Any = None
-        self._mask: torch.Tensor | None = None  # (B, L) bool, True = real token
-        self._positions: torch.Tensor | None = None  # (B,) position of the next token
-        self._last_tokens: torch.Tensor | None = None  # (B,) token to feed next
+        # Set together with the cache when the first rows are admitted (typed Any: None until then).
+        self._mask: Any = None  # (B, L) bool, True = real token
+        self._positions: Any = None  # (B,) position of the next token
+        self._last_tokens: Any = None  # (B,) token to feed next
 
     def _worker(self) -> None:
         if self.num_threads:
@@ -497,7 +498,7 @@ class LocalEngine:
         if request.remaining == 0 and not request.future.done():
             result = GenerationResult(
                 prompt_token_ids=request.prompt_ids,
-                samples=list(request.samples),
+                samples=[s for s in request.samples if s is not None],
                 adapter=request.adapter,
                 latency_s=time.perf_counter() - request.submitted,
             )

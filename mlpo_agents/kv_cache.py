@@ -80,7 +80,7 @@ def _growing_layer_class() -> type:
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             end = self.length + key_states.shape[-2]
             if end > self.key_buffer.shape[2]:
-                self.reset_to([self.keys], [self.values], self.length)
+                self.reset_to([self.keys], [self.values], self.length)  # type: ignore[list-item]
             self.key_buffer[:, :, self.length : end] = key_states
             self.value_buffer[:, :, self.length : end] = value_states
             self.length = end

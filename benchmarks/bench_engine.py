@@ -45,6 +45,20 @@ def bench_generate(model, tokenizer, prompts, max_tokens: int) -> tuple[int, flo
     return total, time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def bench_static_batch(model, tokenizer, prompts, max_tokens: int) -> tuple[int, float, float]:
+    """The reference a continuous-batching engine competes with: one left-padded `generate` of all prompts."""
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = side
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return int((out[:, batch["input_ids"].shape[1] :] != pad).sum()), elapsed, cpu
+
+
 def bench_engine(engine: LocalEngine, prompts, max_tokens: int) -> tuple[int, float, float]:
     """All requests submitted at once to the continuous-batching engine: (tokens, wall s, CPU s)."""
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -87,6 +101,13 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    model, tokenizer = zoo.resolve(args.spec, dtype=args.dtype)
+    st_tokens, st_seconds, _ = bench_static_batch(model, tokenizer, prompts, args.max_tokens)
+    print(
+        f"generate {args.dtype} static batch of {len(prompts)}: {st_tokens} tokens in {st_seconds:.1f} s = "
+        f"{st_tokens / st_seconds:.1f} tok/s (engine / static batch: {engine_tps / (st_tokens / st_seconds):.2f}x)",
+        flush=True,
+    )
     model, tokenizer = zoo.resolve(args.spec, dtype="float32")
     bench_generate(model, tokenizer, prompts[:1], 4)  # warm-up
     base_tokens, base_seconds, base_cpu = bench_generate(

@@ -42,7 +42,6 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import time
@@ -55,14 +54,21 @@ import torch
 
 from mlpo_agents.trace import ModelCall, Reward
 from mlpo_agents.trainers.batch import TraceMismatchError
+from mlpo_agents.trainers.common import (
+    PolicyGradientConfig,
+    TrainableLora,
+    load_split,
+    role_spec,
+    run_episodes,
+)
 from mlpo_agents.trainers.losses import discounted_returns
 
 # ------------------------------------------------------------------------------------------- config
 
 
 @dataclass
-class MAGRPOConfig:
-    """Everything `mlpo train --algo magrpo` can set; validated on construction."""
+class MAGRPOConfig(PolicyGradientConfig):
+    """Everything `mlpo train --algo magrpo` can set (shared fields: `PolicyGradientConfig`); validated on construction."""
 
     team: str | None = None
     """Team YAML path or built-in name; None builds the two-agent `cooperate` team on `model`."""
@@ -74,22 +80,10 @@ class MAGRPOConfig:
     """The trainable agent roles (each gets its own LoRA adapter)."""
     answer_role: str = "solver"
     """The role whose call ends a joint action; its call-level rewards are the joint reward."""
-    task: str = "arithmetic"
-    """Task name for `load_task`."""
-    task_options: dict[str, Any] = field(default_factory=dict)
-    """Extra `load_task` options, same for train and test."""
-    data_dir: str | None = None
-    """Local benchmark folder (default: $MLPO_DATA_DIR)."""
     out: str = "runs/magrpo"
     """Run folder: metrics, curves, checkpoints, adapters, traces."""
-    traces: str | None = None
-    """Trace store the rollouts are written to (default `<out>/traces.sqlite`)."""
     offline: bool = False
     """Not supported: MAGRPO is on-policy (no importance ratio); kept so `--offline` fails with the reason."""
-    steps: int = 20
-    """Optimizer steps (one rollout + one update of every agent each)."""
-    group_size: int = 4
-    """G: joint actions sampled per node (drafter samples sharing a context)."""
     joint_mode: str = "aligned"
     """`aligned` (answer i reads draft i: G joint actions) or `cross` (G answers per draft: G x G)."""
     turns: int = 1
@@ -98,48 +92,12 @@ class MAGRPOConfig:
     """Discount of later turns' returns."""
     threshold: float = 1.0
     """Early termination: a joint action whose correctness reaches this ends its branch."""
-    questions_per_step: int = 4
-    """Questions (root nodes) per step."""
-    train_questions: int = 200
-    """Size of the train-split question list the steps cycle through."""
-    lr: float = 1e-4
-    """AdamW learning rate of every agent's LoRA parameters."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA alpha (update scaled by alpha / r)."""
-    std_scale: bool = False
-    """Divide advantages by the group std (off in MAGRPO)."""
-    format_weight: float = 0.0
-    """Weight of the answer's format reward added to its correctness in the joint reward."""
-    micro_batch_size: int = 4
-    """Rows per forward/backward (gradient accumulation over the batch)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm per agent."""
-    max_len: int | None = 1024
-    """Rows longer than this (prompt + completion) are skipped."""
     temperature: float = 1.0
     """Built-in team: sampling temperature of every agent."""
     max_tokens: int = 128
     """Built-in team: completion budget of every agent."""
-    eval_questions: int = 0
-    """Held-out test questions for the before/after team accuracy (one turn, one sample); 0 = none."""
-    eval_temperature: float = 0.0
-    """Temperature at evaluation (0 = greedy)."""
-    concurrency: int = 8
-    """Episodes in flight during rollouts."""
-    seed: int = 0
-    """Seed of the question order, sampling seeds and LoRA initialisation."""
-    save_every: int = 0
-    """Checkpoint every agent every N steps (0: only adapters, no resumable checkpoint)."""
     resume: bool = False
     """Continue from the latest step every agent has a complete checkpoint of."""
-    max_minutes: float | None = None
-    """Stop training after this wall time (checked between steps)."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         self.agents = tuple(self.agents)
@@ -426,56 +384,22 @@ def step_seed(seed: int, step: int) -> int:
     return random.Random(f"magrpo/{seed}/{step}").getrandbits(31)
 
 
-class Agent:
+class Agent(TrainableLora):
     """One trainable agent: a LoRA copy of its base model, its optimizer, and the engine serving it."""
 
     def __init__(self, role: str, spec: str, config: MAGRPOConfig, index: int):
-        from mlpo_agents import zoo
-        from mlpo_agents.engine import get_engine
-        from mlpo_agents.trainers.lora import LoraSettings, attach_lora
-
-        self.role, self.spec, self.base_model = role, spec, zoo.base_model_id(spec)
-        self.pad_token_id = zoo.resolve(spec)[1].pad_token_id or 0
-        torch.manual_seed(config.seed + 1000 * index)  # LoRA init, different per agent
-        self.model = attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
-        self.engine = get_engine(spec)
-        self.version = "base"
+        super().__init__(spec, config, seed=config.seed + 1000 * index)  # LoRA init, different per agent
+        self.role = role
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
 
     def publish(self, client: Any, folder: Path, step: int) -> None:
         """Hot-load the adapter in `folder` into the engine and route this agent's calls to it."""
-        name = f"{self.role}-step-{step}"
-        self.engine.load_adapter(name, folder)
-        client.use_version(
-            self.role, name, {"model": f"local/{self.spec}@{name}"}, base_model=self.base_model
-        )
-        previous, self.version = self.version, name
-        if previous not in ("base", name):
-            self.engine.unload_adapter(previous)
-
-    def restore(self, adapter: Path) -> None:
-        """Load adapter weights into the trainable copy (resume)."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(self.model, load_file(str(adapter / "adapter_model.safetensors")))
+        self.serve(client, self.role, f"{self.role}-step-{step}", folder)
 
 
 def agent_spec(team: Any, role: str) -> str:
     """The local engine spec serving `role`; other deployments cannot be hot-loaded with new adapters."""
-    from mlpo_agents.engine import parse_local_model
-
-    model = team.deployment(team.role(role).model)["litellm_params"]["model"]
-    if not model.startswith("local/"):
-        raise ValueError(
-            f"agent {role!r} is served by {model!r}; MAGRPO hot-loads adapters into the local "
-            "engine, so serve every trained agent with `local/<spec>`"
-        )
-    return parse_local_model(model)[0]
+    return role_spec(team, role, "serve every trained agent with `local/<spec>`")
 
 
 # ------------------------------------------------------------------------------------------- one step
@@ -483,21 +407,16 @@ def agent_spec(team: Any, role: str) -> str:
 
 def rollout(team: Any, tasks: list[Any], store: Any, graph: Any, client: Any, config: MAGRPOConfig) -> Any:
     """Run the team on `tasks` with every agent's current adapter; returns the runner's RunSummary."""
-    from mlpo_agents.runner import run_team
-
-    client.team = team  # per-step seeded sampling; routing (adapter versions) is kept
-    return asyncio.run(
-        run_team(
-            team,
-            tasks,
-            store,
-            task_name=config.task,
-            client=client,
-            concurrency=config.concurrency,
-            progress=False,
-            graph=graph,
-            score_roles=config.agents,
-        )
+    return run_episodes(
+        client,
+        team,
+        tasks,
+        store,
+        task_name=config.task,
+        concurrency=config.concurrency,
+        progress=False,
+        graph=graph,
+        score_roles=config.agents,
     )
 
 
@@ -556,17 +475,9 @@ def step_metrics(actions: list[JointAction], summary: Any) -> dict[str, Any]:
 def evaluate(team: Any, client: Any, config: MAGRPOConfig, *, label: str) -> dict[str, float]:
     """Held-out team accuracy with the current adapters: one turn, one draft, one answer."""
     from mlpo_agents.graphs import build_topology
-    from mlpo_agents.tasks import load_task
     from mlpo_agents.trace import TraceStore
 
-    tasks = load_task(
-        config.task,
-        split="test",
-        limit=config.eval_questions,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    tasks = load_split(config, "test", config.eval_questions)
     params = {**graph_params(config, team), "samples": 1, "solver_samples": 1, "turns": 1}
     eval_team = seeded_team(
         team.model_copy(update={"name": f"{team.name}-{label}", "params": params}),
@@ -590,7 +501,6 @@ def train(config: MAGRPOConfig) -> TrainResult:
     from mlpo_agents.config import load_team
     from mlpo_agents.graphs import build_topology
     from mlpo_agents.models import ModelClient
-    from mlpo_agents.tasks import load_task
     from mlpo_agents.trace import TraceStore
     from mlpo_agents.trainers.loop import Checkpointer, TrainLogger, progress, set_rng_state
     from mlpo_agents.trainers.lora import save_adapter
@@ -632,14 +542,7 @@ def train(config: MAGRPOConfig) -> TrainResult:
         state["evaluation"]["before"] = evaluate(team, client, config, label="before")
         logger.log(0, {f"eval/{k}": v for k, v in state["evaluation"]["before"].items()})
 
-    questions = load_task(
-        config.task,
-        split="train",
-        limit=config.train_questions,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    questions = load_split(config, "train", config.train_questions)
     random.Random(config.seed).shuffle(questions)
     params = graph_params(config, team)
     graph = build_topology(team.topology, **params)

@@ -30,7 +30,6 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import itertools
@@ -44,6 +43,15 @@ from pathlib import Path
 from typing import Any
 
 from mlpo_agents.trace import ModelCall, Reward
+from mlpo_agents.trainers.common import (
+    RunConfig,
+    load_adapter_weights,
+    load_split,
+    lora_copy,
+    role_spec,
+    run_episodes,
+    serve_adapter,
+)
 from mlpo_agents.trainers.loop import TrainLogger
 
 ROLES = ("generator", "verifier", "refiner")
@@ -51,17 +59,11 @@ PARENT_ROLE = {"generator": None, "verifier": "generator", "refiner": "verifier"
 
 
 @dataclass
-class MALTConfig:
-    """Everything `mlpo train --algo malt` can set; validated on construction."""
+class MALTConfig(RunConfig):
+    """Everything `mlpo train --algo malt` can set (shared fields: `RunConfig`); validated on construction."""
 
     team: str = "gvr"
     """Team YAML path or built-in name (topology gvr); every role must be served by `local/<spec>`."""
-    task: str = "arithmetic"
-    """Task name for `load_task` (train split for the trees, test split for evaluation)."""
-    task_options: dict[str, Any] = field(default_factory=dict)
-    """Extra `load_task` options (e.g. {"subset": "easy"}), same for train and test."""
-    data_dir: str | None = None
-    """Local benchmark folder (default: $MLPO_DATA_DIR)."""
     questions: int = 32
     """Train questions to expand into trees."""
     branching: int = 3
@@ -90,12 +92,6 @@ class MALTConfig:
     """Rows (SFT) or pairs (DPO) per optimizer step."""
     max_len: int = 1024
     """Examples longer than this (prompt + completion tokens) are left out."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA alpha (update scaled by alpha / r)."""
-    eval_questions: int = 0
-    """Held-out test questions for the before / after evaluation (0: no evaluation)."""
     eval_chains: int = 3
     """M: generator → verifier → refiner chains per question at evaluation, majority vote."""
     eval_temperature: float | None = None
@@ -104,16 +100,10 @@ class MALTConfig:
     """Episodes in flight during tree expansion and evaluation."""
     out: str = "runs/malt"
     """Run folder: traces, adapters, metrics, state."""
-    traces: str | None = None
-    """Trace store of the trees (default `<out>/traces.sqlite`)."""
-    seed: int = 0
-    """Seed of question sampling, role sampling seeds, LoRA init and data order."""
     save_every: int = 0
     """Also checkpoint inside an SFT / DPO phase every N optimizer steps (TRL checkpoints; 0: phase ends only)."""
     resume: bool = False
     """Continue in `out`: skip expanded questions, finished (role, phase) units and finished evaluations."""
-    progress: bool = True
-    """Show progress bars and phase lines."""
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
@@ -472,19 +462,6 @@ def dpo(
 # ------------------------------------------------------------------------------------------- team, rollouts, evaluation
 
 
-def role_spec(team: Any, role: str) -> str:
-    """The local engine spec serving a role (`local/<spec>`); adapters can only be hot-loaded there."""
-    from mlpo_agents.engine import parse_local_model
-
-    model = team.deployment(team.role(role).model)["litellm_params"]["model"]
-    if not model.startswith("local/"):
-        raise ValueError(
-            f"role {role!r} is served by {model!r}; MALT trains LoRA adapters and serves them from the local "
-            "engine, so serve every trained role with `local/<spec>`"
-        )
-    return parse_local_model(model)[0]
-
-
 def seeded(team: Any, seed: int, name: str, temperature: float | None = None, **params: Any) -> Any:
     """A copy of `team` with new params and name, every agent (`generator-k`, ...) sampling with its own seed."""
     roles: dict[str, Any] = {}
@@ -503,18 +480,8 @@ def expand_trees(
     config: MALTConfig, team: Any, client: Any, store: Any
 ) -> tuple[list[ModelCall], list[Reward], dict[str, Any]]:
     """Run the n×n×n tree on each train question (finished ones are skipped) and return its calls and rewards."""
-    from mlpo_agents.runner import run_team
-    from mlpo_agents.tasks import load_task
-
     n = config.branching
-    tasks = load_task(
-        config.task,
-        split="train",
-        limit=config.questions,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    tasks = load_split(config, "train", config.questions)
     tree_team = seeded(
         team,
         config.seed,
@@ -525,19 +492,16 @@ def expand_trees(
         verifier_samples=n,
         refiner_samples=n,
     )
-    client.team = tree_team
-    summary = asyncio.run(
-        run_team(
-            tree_team,
-            tasks,
-            store,
-            task_name=config.task,
-            client=client,
-            resume=True,
-            concurrency=config.concurrency,
-            progress=config.progress,
-            score_roles=("refiner",),
-        )
+    summary = run_episodes(
+        client,
+        tree_team,
+        tasks,
+        store,
+        task_name=config.task,
+        concurrency=config.concurrency,
+        resume=True,
+        progress=config.progress,
+        score_roles=("refiner",),
     )
     ids = {t.id for t in tasks}
     latest = {
@@ -561,17 +525,8 @@ def expand_trees(
 def evaluate(config: MALTConfig, team: Any, client: Any, store: Any, label: str) -> dict[str, float]:
     """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI)."""
     from mlpo_agents.evaluate import cell_from_store
-    from mlpo_agents.runner import run_team
-    from mlpo_agents.tasks import load_task
 
-    tasks = load_task(
-        config.task,
-        split="test",
-        limit=config.eval_questions,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    tasks = load_split(config, "test", config.eval_questions)
     eval_team = seeded(
         team,
         config.seed + 1,
@@ -583,19 +538,16 @@ def evaluate(config: MALTConfig, team: Any, client: Any, store: Any, label: str)
         verifier_samples=None,
         refiner_samples=None,
     )
-    client.team = eval_team
-    summary = asyncio.run(
-        run_team(
-            eval_team,
-            tasks,
-            store,
-            task_name=config.task,
-            client=client,
-            resume=True,
-            concurrency=config.concurrency,
-            progress=config.progress,
-            score_roles=(),
-        )
+    summary = run_episodes(
+        client,
+        eval_team,
+        tasks,
+        store,
+        task_name=config.task,
+        concurrency=config.concurrency,
+        resume=True,
+        progress=config.progress,
+        score_roles=(),
     )
     cell = cell_from_store(store, eval_team.name, config.task, [t.id for t in tasks], summary.wall_s)
     return {
@@ -659,11 +611,7 @@ def route(
         for role in roles:
             spec = role_spec(team, role)
             name = f"malt-{tag}-{unit}"
-            engine = get_engine(spec)
-            engine.load_adapter(name, adapters[unit])
-            client.use_version(
-                role, name, {"model": f"local/{spec}@{name}"}, base_model=zoo.base_model_id(spec)
-            )
+            serve_adapter(client, get_engine(spec), role, name, adapters[unit], spec, zoo.base_model_id(spec))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -671,13 +619,11 @@ def route(
 
 def train(config: MALTConfig) -> TrainResult:
     """Expand trees, assign values, build per-role data, SFT then DPO each adapter, evaluate before and after."""
-    import torch
-
     from mlpo_agents import zoo
     from mlpo_agents.config import load_team
     from mlpo_agents.models import ModelClient
     from mlpo_agents.trace import TraceStore
-    from mlpo_agents.trainers.lora import LoraSettings, attach_lora, save_adapter
+    from mlpo_agents.trainers.lora import save_adapter
 
     start = time.perf_counter()
     out = Path(config.out)
@@ -742,12 +688,11 @@ def train(config: MALTConfig) -> TrainResult:
             say(f"[malt] {unit}: finished earlier, skipped")
             continue
         tokenizer = zoo.resolve(spec)[1]
-        torch.manual_seed(config.seed + k)  # LoRA init
         random.seed(config.seed + k)
-        model = attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
+        model = lora_copy(spec, config, seed=config.seed + k)
         sft_folder = out / "adapters" / f"{unit}-sft"
         if f"{unit}/sft" in state["done"]:
-            _restore(model, sft_folder)
+            load_adapter_weights(model, sft_folder)
             say(f"[malt] {unit}: SFT finished earlier, restored {sft_folder}")
         else:
             say(
@@ -801,11 +746,3 @@ def train(config: MALTConfig) -> TrainResult:
     store.close()
     by_role = {role: adapters[unit] for unit, roles in units.items() for role in roles}
     return TrainResult(out, by_role, counts, state["evaluation"], logger.history, time.perf_counter() - start)
-
-
-def _restore(model: Any, folder: Path) -> None:
-    """Load saved adapter weights into the trainable copy (resume)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))

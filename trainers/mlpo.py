@@ -27,74 +27,46 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlpo_agents.trainers.common import (
+    PolicyGradientConfig,
+    TrainableLora,
+    load_split,
+    role_spec,
+    run_episodes,
+)
 from mlpo_agents.trainers.loop import Checkpointer, TrainLogger, progress, set_rng_state
 
 Aggregation = str
 
 
 @dataclass
-class MLPOConfig:
-    """Everything `mlpo train --algo mlpo` can set; validated on construction."""
+class MLPOConfig(PolicyGradientConfig):
+    """Everything `mlpo train --algo mlpo` can set (shared fields: `PolicyGradientConfig`); validated on construction."""
 
     team: str = "default"
     """Team YAML path or built-in name; its `leader` role is trained and must be served by `local/<spec>`."""
-    task: str = "arithmetic"
-    """Task name for `load_task`."""
-    task_options: dict[str, Any] = field(default_factory=dict)
-    """Extra `load_task` options (e.g. {"subset": "easy", "max_value": 20}), same for train and test."""
-    data_dir: str | None = None
-    """Local benchmark folder (default: $MLPO_DATA_DIR)."""
     out: str = "runs/mlpo"
     """Run folder: metrics, curves, checkpoints, adapters, traces."""
-    traces: str | None = None
-    """Trace store: read in offline mode; written in online mode (default `<out>/traces.sqlite`)."""
     offline: bool = False
     """Train from the existing `traces` store instead of sampling new episodes."""
-    steps: int = 20
-    """Optimizer steps (online: one rollout + update each; offline: total over all epochs)."""
-    group_size: int = 4
-    """G: leader samples per question sharing one prompt (the GRPO group)."""
-    questions_per_step: int = 4
-    """Questions (groups) per step."""
-    train_questions: int = 200
-    """Size of the train-split question list the steps cycle through."""
-    lr: float = 1e-4
-    """AdamW learning rate of the LoRA parameters."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA alpha (update scaled by alpha / r)."""
     clip_eps: float = 0.2
     """PPO ratio clipping epsilon."""
     kl_coef: float = 0.0
     """k3 KL penalty to the base model (adapter disabled); 0 = off, as in the paper."""
     aggregation: Aggregation = "dr_grpo"
     """Loss aggregation: dr_grpo (constant normaliser), token or sequence."""
-    std_scale: bool = False
-    """Divide advantages by the group std (original GRPO); False = Dr. GRPO."""
-    format_weight: float = 0.0
-    """Weight of the format reward added to correctness."""
     update_epochs: int = 1
     """Gradient steps on each step's batch (>1 makes the ratio/clipping bite)."""
     offline_epochs: int = 2
     """Offline mode: passes over the recorded groups."""
-    micro_batch_size: int = 4
-    """Rows per forward/backward (gradient accumulation over the batch)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    max_len: int | None = 1024
-    """Rows longer than this (prompt + completion) are skipped."""
     peer_pool: bool = True
     """Reuse each question's round-0 peer proposals after the first time (pooled_peers topology)."""
     pool_samples: int = 1
@@ -107,26 +79,10 @@ class MLPOConfig:
     """Questions rolled out to collect SFT examples when `traces` holds none."""
     sft_lr: float = 1e-4
     """SFT warm-up learning rate."""
-    eval_questions: int = 0
-    """Held-out test questions for the before/after evaluation (team and solo); 0 = no evaluation."""
-    eval_temperature: float = 0.0
-    """Leader temperature at evaluation (0 = greedy)."""
     eval_every: int = 0
     """Also evaluate every N steps (0: only before and after)."""
-    concurrency: int = 8
-    """Episodes in flight during rollouts. Tokens do not depend on it (per-request seeds), but the engine's
-    logprobs vary in the last float bits with batch composition: use 1 for bit-identical reruns."""
-    seed: int = 0
-    """Seed of the question order, sampling seeds, LoRA init and data shuffles."""
-    save_every: int = 0
-    """Checkpoint every N steps (0: only adapters, no resumable checkpoint)."""
     resume: bool = False
     """Continue from the latest complete checkpoint in `out`."""
-    max_minutes: float | None = None
-    """Stop training after this wall time of training steps (checked between steps; evaluation and SFT
-    warm-up not counted)."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -203,40 +159,20 @@ def seeded_team(team: Any, seed: int, *, leader_temperature: float | None = None
 
 def leader_spec(team: Any) -> str:
     """The local engine spec serving the leader (`local/<spec>`); other deployments cannot be hot-loaded here."""
-    model = team.deployment(team.role("leader").model)["litellm_params"]["model"]
-    if not model.startswith("local/"):
-        raise ValueError(
-            f"the leader is served by {model!r}; MLPO's online mode hot-loads adapters into the local engine, "
-            "so serve the leader with `local/<spec>` (or train offline from recorded traces)"
-        )
-    from mlpo_agents.engine import parse_local_model
-
-    return parse_local_model(model)[0]
+    return role_spec(
+        team, "leader", "serve the leader with `local/<spec>` (or train offline from recorded traces)"
+    )
 
 
-class Policy:
+class Policy(TrainableLora):
     """The trainable LoRA copy of the leader plus the serving side: engine, client and current version."""
 
     def __init__(self, config: MLPOConfig, team: Any, spec: str, store: Any):
-        import torch
-
-        from mlpo_agents import zoo
-        from mlpo_agents.engine import get_engine
         from mlpo_agents.models import ModelClient
-        from mlpo_agents.trainers.lora import LoraSettings, attach_lora
 
-        self.config, self.spec, self.base_model = config, spec, zoo.base_model_id(spec)
-        self.tokenizer = zoo.resolve(spec)[1]
-        torch.manual_seed(config.seed)  # LoRA init
-        self.model = attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
-        self.engine = get_engine(spec)
+        super().__init__(spec, config, seed=config.seed)
+        self.config = config
         self.client = ModelClient(team, store)
-        self.version = "base"
         self.adapters = Path(config.out) / "adapters"
 
     def publish(self, step: int, folder: Path | None = None) -> Path:
@@ -245,21 +181,8 @@ class Policy:
 
         name = f"step-{step}"
         folder = folder or save_adapter(self.model, self.adapters / name, base_model=self.base_model)
-        self.engine.load_adapter(name, folder)
-        self.client.use_version(
-            "leader", name, {"model": f"local/{self.spec}@{name}"}, base_model=self.base_model
-        )
-        previous, self.version = self.version, name
-        if previous != "base" and previous != name:
-            self.engine.unload_adapter(previous)
+        self.serve(self.client, "leader", name, folder)
         return folder
-
-    def restore(self, adapter: Path) -> None:
-        """Load adapter weights into the trainable copy (resume)."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(self.model, load_file(str(adapter / "adapter_model.safetensors")))
 
 
 # ------------------------------------------------------------------------------------------- rollouts
@@ -267,20 +190,15 @@ class Policy:
 
 def rollout(policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any, *, task_name: str) -> Any:
     """Run the team on `tasks` with the leader's current adapter; returns the runner's RunSummary."""
-    from mlpo_agents.runner import run_team
-
-    policy.client.team = team  # per-step seeded sampling; routing (adapter version) is kept
-    return asyncio.run(
-        run_team(
-            team,
-            tasks,
-            store,
-            task_name=task_name,
-            client=policy.client,
-            concurrency=policy.config.concurrency,
-            progress=False,
-            graph=graph,
-        )
+    return run_episodes(
+        policy.client,
+        team,
+        tasks,
+        store,
+        task_name=task_name,
+        concurrency=policy.config.concurrency,
+        progress=False,
+        graph=graph,
     )
 
 
@@ -354,17 +272,9 @@ def batch_metrics(batch: Any) -> dict[str, float]:
 def evaluate(policy: Policy, team: Any, config: MLPOConfig, *, label: str) -> dict[str, float]:
     """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1."""
     from mlpo_agents.graphs import build_topology
-    from mlpo_agents.tasks import load_task
     from mlpo_agents.trace import TraceStore
 
-    tasks = load_task(
-        config.task,
-        split="test",
-        limit=config.eval_questions,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    tasks = load_split(config, "test", config.eval_questions)
     store = TraceStore(Path(config.out) / "eval_traces.sqlite")
     out = {}
     for name, peers in (("team", int(team.params.get("peers", 0))), ("solo", 0)):
@@ -541,16 +451,8 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
     """A function `step -> metrics` that samples this step's questions with the team and updates the leader."""
     from mlpo_agents.graphs import build_topology
     from mlpo_agents.graphs.pooled_peers import PeerPool
-    from mlpo_agents.tasks import load_task
 
-    questions = load_task(
-        config.task,
-        split="train",
-        limit=config.train_questions,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    questions = load_split(config, "train", config.train_questions)
     random.Random(config.seed).shuffle(questions)
     peers = int(team.params.get("peers", 0))
     params = {**team.params, "leader_samples": config.group_size}
@@ -668,19 +570,11 @@ def offline_steps(policy: Policy, config: MLPOConfig, full: Any, max_tokens: int
 def collect_sft_examples(policy: Policy, team: Any, config: MLPOConfig, store: Any) -> list[Any]:
     """Correct leader completions for the warm-up: from the store if it has some, else a fresh rollout."""
     from mlpo_agents.graphs import build_topology
-    from mlpo_agents.tasks import load_task
 
     found = correct_leader_calls(store, policy.base_model)
     if found or config.offline:
         return found
-    tasks = load_task(
-        config.task,
-        split="train",
-        limit=config.sft_questions,
-        seed=config.seed + 1,
-        data_dir=config.data_dir,
-        **config.task_options,
-    )
+    tasks = load_split(config, "train", config.sft_questions, seed=config.seed + 1)
     params = {**team.params, "leader_samples": config.group_size}
     summary = rollout(
         policy,

@@ -1,0 +1,184 @@
+"""What the MLPO, MAGRPO and MALT trainers share: config fields, data loading, rollouts, served LoRA adapters.
+
+- `RunConfig`: the fields every trainer config has; `PolicyGradientConfig` adds those of the two
+  group-baseline policy-gradient trainers (MLPO, MAGRPO). Each trainer's config subclasses one of them
+  and adds its own fields and validation; `mlpo train` maps flags onto the fields by name.
+- `load_split`, `run_episodes`: a task split as the config describes it; the team run on tasks through
+  a model client that keeps its adapter routing.
+- `role_spec`, `serve_adapter`, `load_adapter_weights`, `TrainableLora`: the local engine serving a
+  role, hot-loading an adapter into it, and the trainable LoRA copy (model, optimizer, served version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class RunConfig:
+    """Fields every trainer config has (task data, LoRA shape, evaluation size, seeding, progress)."""
+
+    task: str = "arithmetic"
+    """Task name for `load_task` (train split for training, test split for evaluation)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Extra `load_task` options (e.g. {"subset": "easy", "max_value": 20}), same for train and test."""
+    data_dir: str | None = None
+    """Local benchmark folder (default: $MLPO_DATA_DIR)."""
+    traces: str | None = None
+    """Trace store the rollouts are written to and offline training reads (default `<out>/traces.sqlite`)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha (update scaled by alpha / r)."""
+    eval_questions: int = 0
+    """Held-out test questions for the before/after evaluation; 0 = no evaluation."""
+    seed: int = 0
+    """Seed of the question order, sampling seeds, LoRA initialisation and data shuffles."""
+    progress: bool = True
+    """Show progress output (bars, phase lines)."""
+
+
+@dataclass
+class PolicyGradientConfig(RunConfig):
+    """Fields of the group-baseline policy-gradient trainers (MLPO, MAGRPO): steps, groups, optimizer, budget."""
+
+    steps: int = 20
+    """Optimizer steps (online: one rollout + update each; offline: total over all epochs)."""
+    group_size: int = 4
+    """G: samples sharing one context and baseline (MLPO: leader samples per question; MAGRPO: joint actions per node)."""
+    questions_per_step: int = 4
+    """Questions (groups, or root nodes) per step."""
+    train_questions: int = 200
+    """Size of the train-split question list the steps cycle through."""
+    lr: float = 1e-4
+    """AdamW learning rate of the LoRA parameters (of every trained adapter)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    std_scale: bool = False
+    """Divide advantages by the group std (original GRPO); False = Dr. GRPO / MAGRPO."""
+    format_weight: float = 0.0
+    """Weight of the format reward added to correctness (0 by default, as in the papers)."""
+    micro_batch_size: int = 4
+    """Rows per forward/backward (gradient accumulation over the batch)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (per trained adapter)."""
+    max_len: int | None = 1024
+    """Rows longer than this (prompt + completion) are skipped."""
+    eval_temperature: float = 0.0
+    """Temperature at evaluation (0 = greedy)."""
+    concurrency: int = 8
+    """Episodes in flight during rollouts. Tokens do not depend on it (per-request seeds), but the engine's
+    logprobs vary in the last float bits with batch composition: use 1 for bit-identical reruns."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only adapters, no resumable checkpoint)."""
+    max_minutes: float | None = None
+    """Stop training after this wall time in minutes (checked between steps; MLPO leaves evaluation and SFT
+    warm-up out of it)."""
+
+
+# ------------------------------------------------------------------------------------------- data and rollouts
+
+
+def load_split(config: RunConfig, split: str, limit: int, seed: int | None = None) -> list[Any]:
+    """`limit` questions of `split` of the configured task (seed: the run seed unless given)."""
+    from mlpo_agents.tasks import load_task
+
+    return load_task(
+        config.task,
+        split=split,
+        limit=limit,
+        seed=config.seed if seed is None else seed,
+        data_dir=config.data_dir,
+        **config.task_options,
+    )
+
+
+def run_episodes(
+    client: Any, team: Any, tasks: list[Any], store: Any, *, task_name: str, concurrency: int, **options: Any
+) -> Any:
+    """Run `team` on `tasks` through `client` (its adapter routing is kept); returns the runner's RunSummary."""
+    from mlpo_agents.runner import run_team
+
+    client.team = team  # per-run seeded sampling; routing (adapter versions) is kept
+    return asyncio.run(
+        run_team(team, tasks, store, task_name=task_name, client=client, concurrency=concurrency, **options)
+    )
+
+
+# ------------------------------------------------------------------------------------------- served adapters
+
+
+def role_spec(team: Any, role: str, fix: str = "serve every trained role with `local/<spec>`") -> str:
+    """The zoo spec of the local engine serving `role` (`local/<spec>`); adapters can only be hot-loaded there."""
+    from mlpo_agents.engine import parse_local_model
+
+    model = team.deployment(team.role(role).model)["litellm_params"]["model"]
+    if not model.startswith("local/"):
+        raise ValueError(
+            f"role {role!r} is served by {model!r}; trained LoRA adapters are hot-loaded into the local "
+            f"engine, so {fix}"
+        )
+    return parse_local_model(model)[0]
+
+
+def serve_adapter(
+    client: Any, engine: Any, role: str, name: str, folder: Path, spec: str, base_model: str
+) -> None:
+    """Hot-load the adapter in `folder` into `engine` as `name` and route `role`'s calls to it."""
+    engine.load_adapter(name, folder)
+    client.use_version(role, name, {"model": f"local/{spec}@{name}"}, base_model=base_model)
+
+
+def load_adapter_weights(model: Any, adapter: Path) -> None:
+    """Load saved adapter weights (peft folder) into a trainable LoRA copy (resume)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+
+
+def lora_copy(spec: str, config: RunConfig, seed: int) -> Any:
+    """A trainable LoRA copy of the zoo model `spec`, initialised from `seed`."""
+    import torch
+
+    from mlpo_agents.trainers.lora import LoraSettings, attach_lora
+
+    torch.manual_seed(seed)  # LoRA init
+    return attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
+
+
+class TrainableLora:
+    """A trainable LoRA copy of a zoo model, its AdamW optimizer, and the local engine serving its adapters."""
+
+    def __init__(self, spec: str, config: PolicyGradientConfig, seed: int):
+        import torch
+
+        from mlpo_agents import zoo
+        from mlpo_agents.engine import get_engine
+
+        self.spec, self.base_model = spec, zoo.base_model_id(spec)
+        self.tokenizer = zoo.resolve(spec)[1]
+        self.model = lora_copy(spec, config, seed)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        self.engine = get_engine(spec)
+        self.version = "base"
+
+    def serve(self, client: Any, role: str, name: str, folder: Path) -> None:
+        """Hot-load the adapter in `folder` as `name`, route `role` to it and unload the previous version."""
+        serve_adapter(client, self.engine, role, name, folder, self.spec, self.base_model)
+        previous, self.version = self.version, name
+        if previous not in ("base", name):
+            self.engine.unload_adapter(previous)
+
+    def restore(self, adapter: Path) -> None:
+        """Load adapter weights into the trainable copy (resume)."""
+        load_adapter_weights(self.model, adapter)

@@ -98,13 +98,15 @@ async def run_episode(
         store.append([Failure(episode.episode_id, "graph", "", "", -1, type(e).__name__, str(e)[:500]), episode])
         return EpisodeResult(episode.episode_id, task.id, None, 0.0, "failed")
     answer = state.get("answer")
-    reward = await asyncio.to_thread(score_answer, task, answer)
+    scored = [t for t in state.get("turns", []) if t["role"] in score_roles]
+    # One thread hop per episode: math-verify and code sandboxes can block for a while.
+    reward, values = await asyncio.to_thread(
+        lambda: (score_answer(task, answer), [score(task, t["text"]) for t in scored])
+    )
     events: list[Any] = [Reward(episode.episode_id, "correct", reward)]
-    for turn in state.get("turns", []):
-        if turn["role"] in score_roles:
-            value = await asyncio.to_thread(score, task, turn["text"])
-            events.append(Reward(episode.episode_id, "correct", value, call_id=turn["call_id"]))
-            events.append(Reward(episode.episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
+    for turn, value in zip(scored, values, strict=True):
+        events.append(Reward(episode.episode_id, "correct", value, call_id=turn["call_id"]))
+        events.append(Reward(episode.episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
     episode.status = "degraded" if state.get("failures") else "done"
     episode.final_answer, episode.finished_at = answer, time.time()
     store.append([*events, episode])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
 from langgraph.graph.state import CompiledStateGraph
+from pydantic import TypeAdapter, ValidationError
 
 from mlpo_agents.graphs.cooperate import build_cooperate
 from mlpo_agents.graphs.debate import build_debate
@@ -20,19 +24,78 @@ TOPOLOGIES: dict[str, Callable[..., CompiledStateGraph]] = {
     "cooperate": build_cooperate,
 }
 
+# Roles in a shipped topology's ROLES that it calls only when a parameter asks for them.
+OPTIONAL_ROLES: dict[Callable[..., Any], Callable[[dict[str, Any]], set[str]]] = {
+    build_leader_peers: lambda args: {"peer"} if args.get("peers") == 0 else set(),
+    build_debate: lambda args: set() if args.get("judge") else {"judge"},
+}
 
-def build_topology(name: str, **params: Any) -> CompiledStateGraph:
-    """Build a shipped topology by name, or a user builder given as `package.module:function`."""
+
+def builder_of(name: str) -> Callable[..., Any]:
+    """The builder function of a shipped topology name or of `package.module:function`."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             builder = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot load topology builder {name!r} ({e}); use `package.module:function`") from None
-    elif name in TOPOLOGIES:
-        builder = TOPOLOGIES[name]
-    else:
-        raise ValueError(f"unknown topology {name!r}; use one of {', '.join(TOPOLOGIES)} or `module:function`")
+            raise ValueError(
+                f"cannot load topology builder {name!r} ({e}); use `package.module:function` "
+                "(importable: run from the folder that holds the package, or set PYTHONPATH)"
+            ) from None
+        return typing.cast(Callable[..., Any], builder)
+    if name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    raise ValueError(f"unknown topology {name!r}; use one of {', '.join(TOPOLOGIES)} or `module:function`")
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Raise ValueError naming the parameter, its value and the fix when the builder cannot take it."""
+    builder = builder_of(name)
+    signature = inspect.signature(builder)
+    accepted = {k: p for k, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # noqa: BLE001 - unresolvable annotations in a user builder: skip the type checks
+        hints = {}
+    valid = ", ".join(k for k in accepted if k != "checkpointer")
+    for key, value in params.items():
+        if key not in accepted:
+            if takes_any:
+                continue
+            raise ValueError(f"topology {name!r} has no parameter {key!r}; valid: {valid}")
+        if key not in hints or key == "checkpointer":
+            continue
+        try:
+            TypeAdapter(hints[key]).validate_python(value, strict=True)
+        except ValidationError:
+            default = accepted[key].default
+            example = default if default not in (inspect.Parameter.empty, None) else 1
+            raise ValueError(
+                f"topology {name!r}: {key}={value!r} is not a valid {_type_name(hints[key])}; "
+                f"pass e.g. --param {key}={str(example).lower() if isinstance(example, bool) else example}"
+            ) from None
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def required_roles(name: str, **params: Any) -> tuple[str, ...]:
+    """Roles a team needs for this topology and parameters: the builder module's `ROLES`, minus those
+    the parameters switch off. A user topology without `ROLES` declares none (nothing is checked)."""
+    builder = builder_of(name)
+    roles = tuple(getattr(sys.modules.get(builder.__module__), "ROLES", ()))
+    bound = inspect.signature(builder).bind_partial(**params)
+    bound.apply_defaults()
+    unused = OPTIONAL_ROLES.get(builder, lambda args: set())(dict(bound.arguments))
+    return tuple(r for r in roles if r not in unused)
+
+
+def build_topology(name: str, **params: Any) -> CompiledStateGraph:
+    """Build a shipped topology by name, or a user builder given as `package.module:function`."""
+    builder = builder_of(name)
+    check_params(name, params)
     try:
         graph = builder(**params)
     except TypeError as e:

@@ -149,7 +149,7 @@ def grade_node(graded: bool) -> Any:
         task = runtime.context.task
         answers = this_turn(state, "solver")
         scores = {
-            t["call_id"]: score(task, t["text"]) if graded and task is not None else None for t in answers
+            t["call_id"]: score(task, t["text"], truncated=t.get("truncated", False)) if graded and task is not None else None for t in answers
         }
         line = main_line({**state, "scores": {**state.get("scores", {}), **scores}})
         return {

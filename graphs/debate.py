@@ -98,6 +98,7 @@ def tally(state: dict[str, Any]) -> dict[str, Any]:
     update: dict[str, Any] = {"round": round_ + 1}
     if this_round:
         update["answer"] = vote(t["answer"] for t in this_round)
+        update["answer_lenient"] = vote(t.get("answer_lenient") for t in this_round)
     return update
 
 

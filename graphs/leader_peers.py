@@ -57,7 +57,11 @@ def leader_prompt(state: dict[str, Any], agent: str, ctx: TeamContext) -> list[d
 def leader_done(state: dict[str, Any]) -> dict[str, Any]:
     """Advance the round and set the team answer to the leader's latest answer."""
     last = latest(state.get("turns", []), "leader")
-    return {"round": state.get("round", 0) + 1, "answer": last["answer"] if last else None}
+    return {
+        "round": state.get("round", 0) + 1,
+        "answer": last["answer"] if last else None,
+        "answer_lenient": last.get("answer_lenient") if last else None,
+    }
 
 
 def build_leader_peers(

@@ -66,9 +66,12 @@ def agent_node(
 
 def make_turn(sample: Any, agent: str, role: str, round_: int) -> Turn:
     """A Turn from a ModelClient sample."""
+    truncated = sample.finish_reason == "length"
     return Turn(
-        agent=agent, role=role, round=round_, text=sample.text, answer=extract_answer(sample.text, lenient=True),
+        agent=agent, role=role, round=round_, text=sample.text,
+        answer=extract_answer(sample.text, truncated=truncated),
         call_id=sample.call_id, group_id=sample.group_id, sample_index=sample.sample_index,
+        answer_lenient=extract_answer(sample.text, lenient=True), truncated=truncated,
     )
 
 

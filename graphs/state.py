@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, TypedDict
+from typing import TYPE_CHECKING, Annotated, Any, NotRequired, TypedDict
 
 from langgraph.graph.state import CompiledStateGraph
 
@@ -30,9 +30,14 @@ class Turn(TypedDict):
     round: int
     text: str
     answer: str | None
+    """The final answer under the strict rule (`rewards.extract_answer`); None when the output gives none."""
     call_id: str
     group_id: str
     sample_index: int
+    answer_lenient: NotRequired[str | None]
+    """The answer a lenient harness would read (last number as a fallback): reported, never trained on."""
+    truncated: NotRequired[bool]
+    """The output was cut at the token limit (finish reason `length`)."""
 
 
 class FailedTurn(TypedDict):
@@ -56,7 +61,10 @@ class TeamState(TypedDict, total=False):
     failures: Annotated[list[FailedTurn], operator.add]
     """Agent calls that failed; a non-empty list marks the episode degraded."""
     answer: str | None
-    """The team's final answer."""
+    """The team's final answer (strict rule: what is scored, trained on and reported as accuracy)."""
+    answer_lenient: str | None
+    """The team's answer under the lenient rule, where the topology sets it (leader_peers, debate):
+    reported as a separate "lenient" figure only."""
 
 
 class AgentInput(TypedDict, total=False):

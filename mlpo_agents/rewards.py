@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .tasks.base import Task
 
 MATH_TIMEOUT_S = 10.0
+REWARD_FAILED = "reward failed:"
+"""Prefix of a `RewardResult.reason` when the checker itself failed (timeout, crash), not the answer."""
 CODE_TIMEOUT_S = 10.0
 
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
@@ -34,6 +36,10 @@ logging.getLogger("math_verify.parser").addFilter(lambda r: "Timeout is disabled
 logging.getLogger("math_verify.grader").addFilter(lambda r: "Timeout is disabled" not in r.getMessage())
 
 
+class TaskKindError(ValueError):
+    """A task no reward knows how to score (unknown kind or normalisation): misuse, raised at once."""
+
+
 @dataclass(frozen=True)
 class RewardResult:
     """A reward with the answer it judged and why."""
@@ -43,7 +49,14 @@ class RewardResult:
     extracted: str | None
     """The answer (or code) taken from the completion; None when there was none."""
     reason: str
-    """``"correct"``, ``"wrong"``, ``"no_answer"``, ``"timeout"`` or ``"error: ..."``."""
+    """``"correct"``, ``"wrong"``, ``"no_answer"``, ``"timeout"`` (the candidate program ran too long),
+    ``"error: ..."`` (the candidate program crashed), or ``"reward failed: ..."`` (the checker itself
+    failed: see ``failed``)."""
+
+    @property
+    def failed(self) -> bool:
+        """The reward could not be computed (checker timeout or crash): not a verdict on the answer."""
+        return self.reason.startswith(REWARD_FAILED)
 
 
 # ---------------------------------------------------------------- extraction
@@ -71,12 +84,21 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced
 
 
-def extract_answer(text: str, *, lenient: bool = False) -> str | None:
-    """Content of the last ``<answer>...</answer>`` block, else of the last ``\\boxed{}``, else None.
+def extract_answer(text: str, *, lenient: bool = False, truncated: bool = False) -> str | None:
+    """The final answer of a completion under the strict rule (``lenient=False``, what trains and is reported).
 
-    ``lenient`` adds the fallbacks evaluation harnesses use for models that ignore the format (small
-    models often do): an unclosed last ``<answer>``, an "answer is X" / "Answer: X" phrase, then the
-    last number in the text. The format reward stays strict, so training still rewards the format.
+    The strict rule, in order:
+    1. the content of the last closed ``<answer>...</answer>`` block;
+    2. else the content of the last balanced ``\\boxed{...}``;
+    3. else an explicit final-answer phrase ("The final answer is X", "Answer: X", "the answer is X")
+       on the completion's last non-empty line, X taken up to the end of its sentence — unless the
+       completion was cut at the token limit (``truncated``): a cut-off phrase may hold a cut-off
+       number ("The answer is 4" of "45"), so only closed forms (1, 2) count then.
+    Nothing else is an answer: a completion that merely contains numbers has none.
+
+    ``lenient`` adds what evaluation harnesses accept from models that ignore the format: an unclosed
+    last ``<answer>``, an answer phrase anywhere, then the last number in the text. It is reported
+    only as a separately labelled "lenient" figure; no reward a trainer reads uses it.
     """
     blocks = _ANSWER_BLOCK.findall(text)
     if blocks:
@@ -84,12 +106,31 @@ def extract_answer(text: str, *, lenient: bool = False) -> str | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    return _lenient_answer(text) if lenient else None
+    if lenient:
+        return _lenient_answer(text)
+    return None if truncated else _final_phrase(text)
 
 
 _OPEN_ANSWER = re.compile(r"<answer>(.+)$", re.DOTALL | re.IGNORECASE)
 _ANSWER_PHRASE = re.compile(r"(?:final answer|answer|option)\s*(?:is|:|=)[\s:]*(?:\*\*)?([^\n]+)", re.IGNORECASE)
+_FINAL_PHRASE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*(?:\*\*)?", re.IGNORECASE)
 _NUMBER_THEN_WORDS = re.compile(r"^([+-]?[\d,]*\.?\d+)\s+[A-Za-z]")
+_SENTENCE_END = re.compile(r"\.(?=\s|$)")  # a period that is not a decimal point
+
+
+def _final_phrase(text: str) -> str | None:
+    """Strict rule 3: "The final answer is X" on the last non-empty line; X up to its sentence's end."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    phrases = list(_FINAL_PHRASE.finditer(lines[-1]))
+    if not phrases:
+        return None
+    value = lines[-1][phrases[-1].end() :]
+    end = _SENTENCE_END.search(value)
+    value = (value[: end.start()] if end else value).strip().strip("*").strip()
+    number = _NUMBER_THEN_WORDS.match(value)
+    return (number.group(1) if number else value) or None
 
 
 def _lenient_answer(text: str) -> str | None:
@@ -118,21 +159,26 @@ def format_reward(completion_text: str) -> float:
 
 
 def answer_prompt(task: Task) -> str:
-    """The instruction appended to a question telling the model how to format its final answer."""
+    """The instruction appended to a question telling the model how to format its final answer.
+
+    It never shows an example answer: small models copy it (SmolLM2 leaders looped on "The final
+    answer is 42" when the instruction said "e.g. <answer>42</answer>"). A test checks that no built-in
+    instruction holds a number or an option letter.
+    """
     tail = "Think step by step, then give only the final answer inside <answer></answer>"
     if task.kind == "math":
-        return f"{tail}, e.g. <answer>42</answer> or <answer>\\frac{{3}}{{4}}</answer>."
+        return f"{tail}, as a number or a simplified expression."
     if task.kind == "choice":
-        return f"{tail} as the letter of the correct option, e.g. <answer>B</answer>."
+        return f"{tail}, as the letter of the correct option."
     if task.kind == "exact":
-        example = {
-            "choice": "the option letter, e.g. <answer>(A)</answer>",
-            "label": f"exactly as the question expects, e.g. <answer>{_label_example(task.answer)}</answer>",
-            "number": "as a number, e.g. <answer>12</answer>",
-            "dyck": "as the closing brackets separated by spaces, e.g. <answer>] ) }</answer>",
-            "words": "as the sorted words separated by spaces, e.g. <answer>apple banana cherry</answer>",
+        how = {
+            "choice": "as the letter of the correct option, in parentheses",
+            "label": "as the one word the question asks for, spelled as in the question",
+            "number": "as a number",
+            "dyck": "as the closing brackets separated by spaces",
+            "words": "as the sorted words separated by spaces",
         }.get(task.meta.get("match", "text"), "exactly as the question expects")
-        return f"{tail}, {example}."
+        return f"{tail}, {how}."
     if task.kind == "code":
         name = task.meta.get("entry_point")
         what = f"the function `{name}`" if name else "the function"
@@ -140,13 +186,7 @@ def answer_prompt(task: Task) -> str:
             f"Write the complete, self-contained Python code for {what}, with the imports it needs, "
             "inside <answer></answer> (no Markdown fences, no example usage)."
         )
-    raise ValueError(f"unknown task kind {task.kind!r}; expected math, choice, exact or code.")
-
-
-def _label_example(gold: str) -> str:
-    pairs = {"true": "True", "false": "True", "yes": "Yes", "no": "Yes", "valid": "valid", "invalid": "valid"}
-    example = pairs.get(gold.strip().lower(), "Yes")
-    return example.lower() if gold[:1].islower() else example
+    raise TaskKindError(f"unknown task kind {task.kind!r}; expected math, choice, exact or code.")
 
 
 # ---------------------------------------------------------------- math
@@ -268,7 +308,7 @@ def exact_match(task: Task, answer: str) -> bool:
         return _strip_wrappers(answer).lower().replace(",", " ").split() == gold.lower().split()
     if how in ("label", "text"):
         return _norm_text(answer) == _norm_text(gold)
-    raise ValueError(f"unknown exact-match normalisation {how!r} on task {task.id}.")
+    raise TaskKindError(f"unknown exact-match normalisation {how!r} on task {task.id}.")
 
 
 def _strip_wrappers(text: str) -> str:
@@ -326,28 +366,45 @@ def _score_code(task: Task, completion_text: str) -> RewardResult:
 # ---------------------------------------------------------------- entry points
 
 
-def score_detail(task: Task, completion_text: str) -> RewardResult:
-    """Correctness of ``completion_text`` for ``task`` with the extracted answer and the reason."""
+def score_detail(
+    task: Task, completion_text: str, *, truncated: bool = False, lenient: bool = False
+) -> RewardResult:
+    """Correctness of ``completion_text`` for ``task`` with the extracted answer and the reason.
+
+    The answer is read with the strict rule (`extract_answer`) unless ``lenient``; ``truncated`` says the
+    completion was cut at the token limit. When the checker itself fails (math-verify times out or
+    raises, the sandbox breaks) the result says so (`RewardResult.failed`): a failed reward is not a
+    wrong answer, and trainers leave such rows out instead of learning from a 0.
+    """
+    try:
+        return _score(task, completion_text, truncated=truncated, lenient=lenient)
+    except TaskKindError:
+        raise
+    except Exception as e:  # noqa: BLE001 - recorded with its reason, never a silent 0
+        return RewardResult(0.0, None, f"{REWARD_FAILED} {type(e).__name__}: {e}"[:500])
+
+
+def _score(task: Task, completion_text: str, *, truncated: bool, lenient: bool) -> RewardResult:
     if task.kind == "code":
         return _score_code(task, completion_text)
-    extracted = extract_answer(completion_text, lenient=True)
+    extracted = extract_answer(completion_text, lenient=lenient, truncated=truncated)
     if extracted is None or not extracted.strip():
         return RewardResult(0.0, extracted, "no_answer")
     if task.kind == "math":
         equal = math_equal(task.answer, extracted)
         if equal is None:
-            return RewardResult(0.0, extracted, "timeout")
+            return RewardResult(0.0, extracted, f"{REWARD_FAILED} math-verify timed out after {MATH_TIMEOUT_S:g} s")
     elif task.kind == "choice":
         equal = match_choice(extracted, task.meta.get("options", {})) == task.answer.strip()
     elif task.kind == "exact":
         equal = exact_match(task, extracted)
     else:
-        raise ValueError(
+        raise TaskKindError(
             f"unknown task kind {task.kind!r} on task {task.id}; expected math, choice, exact or code."
         )
     return RewardResult(1.0, extracted, "correct") if equal else RewardResult(0.0, extracted, "wrong")
 
 
-def score(task: Task, completion_text: str) -> float:
-    """1.0 when the completion answers ``task`` correctly, else 0.0 (see ``score_detail`` for why)."""
-    return score_detail(task, completion_text).value
+def score(task: Task, completion_text: str, *, truncated: bool = False) -> float:
+    """1.0 when the completion answers ``task`` correctly (strict rule), else 0.0 (``score_detail`` says why)."""
+    return score_detail(task, completion_text, truncated=truncated).value

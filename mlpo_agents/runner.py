@@ -1,13 +1,16 @@
 """Run a team over task rows: concurrent episodes, rewards beside the calls, resumable.
 
 Each episode is written as `running` before its first call and updated to `done`, `degraded` (an
-agent failed, the team answered anyway) or `failed` when it ends, so a crash or Ctrl-C leaves a
-consistent store and `resume=True` skips exactly the finished task rows.
+agent failed, the team answered anyway) or `failed` (the graph crashed, or the agent giving the team
+answer failed) when it ends, so a crash or Ctrl-C leaves a consistent store and `resume=True` skips
+exactly the finished task rows. Resuming marks the episodes a killed run left `running` as
+`interrupted`, and refuses task rows whose question changed under the same id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +21,9 @@ from mlpo_agents.config import ConfigError, TeamConfig
 from mlpo_agents.graphs import build_topology
 from mlpo_agents.graphs.state import TeamContext
 from mlpo_agents.models import ModelClient
-from mlpo_agents.rewards import answer_prompt, format_reward, score
+from mlpo_agents.rewards import RewardResult, answer_prompt, format_reward, score_detail
 from mlpo_agents.tasks.base import Task
-from mlpo_agents.trace import Episode, Failure, Reward, TraceStore, new_id
+from mlpo_agents.trace import FINISHED, Episode, Failure, Reward, TraceStore, new_id
 
 
 @dataclass
@@ -33,6 +36,8 @@ class EpisodeResult:
     reward: float
     status: str
     state: dict[str, Any] = field(default_factory=dict)
+    lenient_reward: float | None = None
+    """Correctness under the lenient rule (None when the topology gives no lenient answer)."""
 
 
 @dataclass
@@ -42,6 +47,10 @@ class RunSummary:
     episodes: int = 0
     skipped: int = 0
     correct: float = 0.0
+    """Episodes answered correctly under the strict rule (what trains and is the headline)."""
+    correct_lenient: float = 0.0
+    lenient_scored: int = 0
+    """Episodes with a lenient answer (the denominator of `lenient_accuracy`)."""
     degraded: int = 0
     failed: int = 0
     calls: int = 0
@@ -52,13 +61,50 @@ class RunSummary:
 
     @property
     def accuracy(self) -> float:
-        """Mean episode reward over finished episodes."""
+        """Mean episode reward over finished episodes (strict rule)."""
         return self.correct / self.episodes if self.episodes else 0.0
 
+    @property
+    def lenient_accuracy(self) -> float | None:
+        """Accuracy under the lenient rule (last number as a fallback), a separately labelled figure."""
+        return self.correct_lenient / self.lenient_scored if self.lenient_scored else None
 
-def score_answer(task: Task, answer: str | None) -> float:
+
+def task_fingerprint(task: Task) -> str:
+    """A hash of what a task row asks and how it is scored: `--resume` refuses an id whose row changed."""
+    text = f"{task.kind}\0{task.question}\0{task.answer}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def score_answer(task: Task, answer: str | None) -> RewardResult:
     """Correctness of an extracted final answer (no answer scores 0, recorded as such)."""
-    return score(task, f"<answer>{answer}</answer>") if answer is not None else 0.0
+    if answer is None:
+        return RewardResult(0.0, None, "no_answer")
+    return score_detail(task, f"<answer>{answer}</answer>")
+
+
+def reward_event(episode_id: str, name: str, result: RewardResult, call_id: str | None = None) -> Reward:
+    """A reward event that keeps why: the reason, the answer judged, and whether the checker failed."""
+    meta: dict[str, Any] = {"reason": result.reason}
+    if result.extracted is not None:
+        meta["extracted"] = result.extracted[:200]
+    if result.failed:
+        meta["failed"] = True
+    return Reward(episode_id, name, result.value, call_id=call_id, meta=meta)
+
+
+def score_episode(task: Task, state: dict[str, Any], episode_id: str, score_roles: Sequence[str]) -> list[Reward]:
+    """Reward events of a finished episode: the team answer (strict, and lenient where the topology
+    gives one, under its own name) and, per scored turn, correctness (strict) and format."""
+    events = [reward_event(episode_id, "correct", score_answer(task, state.get("answer")))]
+    if "answer_lenient" in state:
+        events.append(reward_event(episode_id, "correct_lenient", score_answer(task, state["answer_lenient"])))
+    for turn in state.get("turns", []):
+        if turn["role"] in score_roles:
+            result = score_detail(task, turn["text"], truncated=turn.get("truncated", False))
+            events.append(reward_event(episode_id, "correct", result, call_id=turn["call_id"]))
+            events.append(Reward(episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
+    return events
 
 
 async def run_episode(
@@ -72,7 +118,7 @@ async def run_episode(
     continues from its last checkpoint instead of starting over.
     """
     episode = Episode(episode_id or new_id(), task_name, task.id, team.name, team.topology,
-                      meta={"params": team.params})
+                      meta={"params": team.params, "task_sha": task_fingerprint(task)})
     store.append(episode)
     ctx = TeamContext(client=client, task=task, instruction=answer_prompt(task))
     config = {"configurable": {"episode_id": episode.episode_id, "thread_id": episode.episode_id}}
@@ -97,20 +143,22 @@ async def run_episode(
         episode.status, episode.finished_at = "failed", time.time()
         store.append([Failure(episode.episode_id, "graph", "", "", -1, type(e).__name__, str(e)[:500]), episode])
         return EpisodeResult(episode.episode_id, task.id, None, 0.0, "failed")
+    if state.get("answer") is None and state.get("failures"):
+        # The agent that answers for the team failed: there is nothing to score, not a wrong answer.
+        who = ", ".join(sorted({f"{f['agent']} (round {f['round']})" for f in state["failures"]}))
+        episode.status, episode.finished_at = "failed", time.time()
+        store.append([Failure(episode.episode_id, "episode", "", "", -1, "NoTeamAnswer",
+                              f"the team gave no answer after these agents failed: {who}"[:500]), episode])
+        return EpisodeResult(episode.episode_id, task.id, None, 0.0, "failed", state)
     answer = state.get("answer")
-    scored = [t for t in state.get("turns", []) if t["role"] in score_roles]
     # One thread hop per episode: math-verify and code sandboxes can block for a while.
-    reward, values = await asyncio.to_thread(
-        lambda: (score_answer(task, answer), [score(task, t["text"]) for t in scored])
-    )
-    events: list[Any] = [Reward(episode.episode_id, "correct", reward)]
-    for turn, value in zip(scored, values, strict=True):
-        events.append(Reward(episode.episode_id, "correct", value, call_id=turn["call_id"]))
-        events.append(Reward(episode.episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
+    events = await asyncio.to_thread(score_episode, task, state, episode.episode_id, score_roles)
+    reward = events[0].value
+    lenient = events[1].value if len(events) > 1 and events[1].name == "correct_lenient" else None
     episode.status = "degraded" if state.get("failures") else "done"
     episode.final_answer, episode.finished_at = answer, time.time()
     store.append([*events, episode])
-    return EpisodeResult(episode.episode_id, task.id, answer, reward, episode.status, state)
+    return EpisodeResult(episode.episode_id, task.id, answer, reward, episode.status, state, lenient)
 
 
 async def run_team(
@@ -154,7 +202,10 @@ async def _run_team(
     client = client or ModelClient(team, store)
     roles = tuple(score_roles) if score_roles is not None else tuple(team.trainable_roles() or ["leader"])
     done_ids = store.finished_task_ids(task_name, team.name) if resume else set()
-    unfinished = store.unfinished_episodes(task_name, team.name) if resume and graph.checkpointer else {}
+    unfinished = await _resumable(graph, store.unfinished_episodes(task_name, team.name)) if resume else {}
+    if resume:
+        _refuse_changed_tasks(store, task_name, team.name, tasks, set(unfinished.values()))
+        store.mark_interrupted(task_name, team.name, keep=unfinished.values())
     todo = [t for t in tasks if t.id not in done_ids]
     summary = RunSummary(skipped=len(tasks) - len(todo))
     bar = _progress(len(todo), progress)
@@ -169,6 +220,9 @@ async def _run_team(
         summary.results.append(result)
         summary.episodes += result.status != "failed"
         summary.correct += result.reward
+        if result.lenient_reward is not None and result.status != "failed":
+            summary.correct_lenient += result.lenient_reward
+            summary.lenient_scored += 1
         summary.degraded += result.status == "degraded"
         summary.failed += result.status == "failed"
         if bar is not None:
@@ -181,9 +235,41 @@ async def _run_team(
         if bar is not None:
             bar.close()
         summary.wall_s = time.perf_counter() - start
+        store.checkpoint()  # the store file alone now holds the run (a copy without its -wal is whole)
         for key in ("calls", "prompt_tokens", "completion_tokens"):
             setattr(summary, key, client.stats[key] - calls0[key])
     return summary
+
+
+async def _resumable(graph: Any, unfinished: dict[str, str]) -> dict[str, str]:
+    """The unfinished episodes a checkpointed graph can continue: no checkpoint yet, or a step pending.
+
+    An episode whose graph already ran to its end (it failed afterwards) starts over under a new id, so
+    its old state does not leak into the new attempt. Without a checkpointer nothing is continued.
+    """
+    if graph.checkpointer is None:
+        return {}
+    kept = {}
+    for task_id, episode_id in unfinished.items():
+        snapshot = await graph.aget_state({"configurable": {"thread_id": episode_id}})
+        if snapshot.next or not snapshot.values:
+            kept[task_id] = episode_id
+    return kept
+
+
+def _refuse_changed_tasks(store: TraceStore, task_name: str, team: str, tasks: Sequence[Task],
+                          continued: set[str]) -> None:
+    """Stop a resume whose task rows no longer match what the store recorded under the same ids."""
+    now = {t.id: task_fingerprint(t) for t in tasks}
+    for ep in store.episodes(task=task_name, team=team):
+        recorded = ep.meta.get("task_sha")
+        if recorded is None or now.get(ep.task_id, recorded) == recorded:
+            continue  # stores written before fingerprints were recorded cannot be checked
+        if ep.status in FINISHED or ep.episode_id in continued:
+            raise ConfigError(
+                f"task id {ep.task_id!r} in {store.where} holds a different question than the task row given now: "
+                "the task definition changed (different options?); use a new --traces file"
+            )
 
 
 def _progress(total: int, enabled: bool) -> Any:

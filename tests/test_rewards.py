@@ -32,7 +32,7 @@ def test_extract_answer():
     assert extract_answer("<answer>1</answer> then <answer> 2 </answer>") == "2"
     assert extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{\\sqrt{x^{2}}}") == "\\sqrt{x^{2}}"
     assert extract_answer("<answer>\\boxed{5}</answer> \\boxed{7}") == "\\boxed{5}"
-    assert extract_answer("the answer is 5") is None
+    assert extract_answer("the answer is 5 but then I kept going\nand said 7") is None  # not at the end
     assert extract_answer("\\boxed{unbalanced") is None
 
 
@@ -202,19 +202,21 @@ def test_answer_prompt_and_unknown_kind():
 
 
 def test_lenient_extraction_for_models_that_ignore_the_format():
-    lenient = {
-        "The correct option is B. Reflection.": "B. Reflection",
-        "so 3+4 = 7 and 7*2 = 14 apples": "14",
-        "The answer is 42 apples.": "42",
-        "<answer>17": "17",
-        "Answer: \\frac{3}{4}": "\\frac{3}{4}",
-        "total 1,234 dollars.": "1,234",
-        "nothing here": None,
+    # text -> (strict, lenient): strict reads closed blocks, \boxed{} and a final-answer phrase at the end.
+    cases = {
+        "The correct option is B. Reflection.": (None, "B. Reflection"),
+        "so 3+4 = 7 and 7*2 = 14 apples": (None, "14"),
+        "The answer is 42 apples.": ("42", "42"),
+        "<answer>17": (None, "17"),
+        "Answer: \\frac{3}{4}": ("\\frac{3}{4}", "\\frac{3}{4}"),
+        "total 1,234 dollars.": (None, "1,234"),
+        "nothing here": (None, None),
     }
-    for text, expected in lenient.items():
-        assert extract_answer(text, lenient=True) == expected, text
-        assert extract_answer(text) is None  # strict: only <answer> blocks and \boxed{}
+    for text, (strict, lenient) in cases.items():
+        assert extract_answer(text, lenient=True) == lenient, text
+        assert extract_answer(text) == strict, text
     assert extract_answer("<answer>5</answer> but 7", lenient=True) == "5"
     mc = Task(id="m", question="q", answer="B", kind="choice", meta={"options": {"A": "Fire", "B": "Reflection"}})
-    assert score(mc, "The correct option is B. Reflection.") == 1.0
+    assert score(mc, "The correct option is B. Reflection.") == 0.0  # strict: no answer given
+    assert score_detail(mc, "The correct option is B. Reflection.", lenient=True).value == 1.0
     assert format_reward("The correct option is B. Reflection.") == 0.0

@@ -16,6 +16,11 @@ Conventions:
 - **Groups.** Samples sharing a `group_id` share a context; the advantage is the reward minus the mean
   of the group's *usable* samples (Dr. GRPO; divided by the group std with `std_scale`). Rows are
   ordered group by group, samples in `sample_index` order.
+- **Sampling temperature.** `temperatures[b]` is the temperature row b was sampled at (`ModelCall.sampling`),
+  so the trainer can differentiate the policy it sampled from, softmax(logits / T) (`tempered_policy`).
+  A greedy row (temperature 0) has no sampling distribution to match and a call recorded without a
+  temperature was sampled at the provider default: both count as T = 1 (greedy rows are counted in
+  `BatchStats.greedy_rows`). `old_logprobs` stay what the engine recorded (raw, T = 1, as vLLM returns them).
 - **Nothing vanishes silently.** Every call that cannot be used is counted in `BatchStats` under the
   reason, with its call id.
 - **Base model.** Only calls of the trainable `roles` must come from `base_model`: frozen peers may be
@@ -58,6 +63,8 @@ class BatchStats:
     """Trainable calls that stopped at the length limit (finish_reason 'length'), kept or not."""
     mixed_prompt_groups: int = 0
     """Groups whose samples do not share one prompt (kept: e.g. aligned multi-agent samples)."""
+    greedy_rows: int = 0
+    """Rows sampled greedily (temperature 0): their policy temperature is taken as 1."""
     skipped: dict[str, list[str]] = field(default_factory=dict)
     """Call ids left out, by reason: no_token_ids, logprob_mismatch, truncated, too_long, no_reward,
     singleton_group."""
@@ -85,6 +92,7 @@ class BatchStats:
             "zero_advantage_groups": self.zero_advantage_groups,
             "truncated": self.truncated,
             "mixed_prompt_groups": self.mixed_prompt_groups,
+            "greedy_rows": self.greedy_rows,
             "dropped": self.dropped,
         }
         out.update({f"skipped_{k}": len(v) for k, v in self.skipped.items()})
@@ -109,6 +117,11 @@ class TrajectoryBatch:
     group_ids: list[str]
     """The trace group id of each group index."""
     stats: BatchStats
+    temperatures: torch.Tensor | None = None
+    """(B,) float32 sampling temperature of each row (greedy or unrecorded: 1); None = every row at 1."""
+    old_logprobs_tempered: bool = False
+    """False: `old_logprobs` are the engine's raw (T = 1) ones; True: tempered ones of the sampling weights
+    (`trainers.update.with_current_logprobs`)."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -135,6 +148,8 @@ class TrajectoryBatch:
             call_ids=[self.call_ids[i] for i in idx.tolist()],
             group_ids=self.group_ids,
             stats=self.stats,
+            temperatures=None if self.temperatures is None else self.temperatures[idx],
+            old_logprobs_tempered=self.old_logprobs_tempered,
         )
 
     def to(self, device: torch.device | str) -> TrajectoryBatch:
@@ -164,8 +179,8 @@ def _reward_table(
     # Key (call_id or episode_id, name) -> value. A later event for the same key wins (a re-score).
     table: dict[tuple[str, str], float] = {}
     for r in rewards:
-        if r.name not in names:
-            continue
+        if r.name not in names or r.meta.get("failed"):
+            continue  # a reward whose checker failed is no verdict: its call is skipped as no_reward
         if source == "call" and r.call_id is not None:
             table[(r.call_id, r.name)] = float(r.value)
         elif source == "episode" and r.call_id is None:
@@ -313,6 +328,9 @@ def traces_to_batch(
         old_logprobs[b, p : p + n] = torch.tensor(c.logprobs, dtype=torch.float32)
         prompt_lengths[b], completion_lengths[b] = p, n
 
+    sampled_at = [sampling_temperature(c) for c in rows]
+    stats.greedy_rows = sum(t == 0.0 for t in sampled_at)
+    temperatures = torch.tensor([t if t > 0 else 1.0 for t in sampled_at], dtype=torch.float32)  # (B,)
     reward_tensor = torch.tensor([reward_of[c.call_id] for c in rows], dtype=torch.float32)  # (B,)
     group_index = torch.tensor(group_of_row, dtype=torch.long)  # (B,)
     advantages = group_advantages(reward_tensor, group_index, std_scale=std_scale)  # (B,)
@@ -339,4 +357,11 @@ def traces_to_batch(
         call_ids=[c.call_id for c in rows],
         group_ids=group_ids,
         stats=stats,
+        temperatures=temperatures,
     )
+
+
+def sampling_temperature(call: ModelCall) -> float:
+    """The temperature `call` was sampled at (1.0, the provider default, when it was not recorded)."""
+    value = call.sampling.get("temperature")
+    return 1.0 if value is None else float(value)

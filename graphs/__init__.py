@@ -67,7 +67,11 @@ def check_params(name: str, params: dict[str, Any]) -> None:
         if key not in hints or key == "checkpointer":
             continue
         try:
-            TypeAdapter(hints[key]).validate_python(value, strict=True)
+            adapter: TypeAdapter[Any] = TypeAdapter(hints[key])
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check (e.g. a user class): the builder checks it
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
         except ValidationError:
             default = accepted[key].default
             example = default if default not in (inspect.Parameter.empty, None) else 1

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
+import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 DEFAULT_TRACES = "runs/traces.sqlite"
 
@@ -32,16 +40,51 @@ def _team(args: argparse.Namespace) -> Any:
             key, _, value = item.partition("=")
             if not _:
                 raise UserError(f"--param {item!r}: use key=value, e.g. --param peers=2")
-            params[key] = json.loads(value) if value[:1] in "-0123456789[{tfn\"" else value
+            params[key] = parse_value(value, scalar=False)
         updates["params"] = params
-    return team.model_copy(update=updates) if updates else team
+    team = team.model_copy(update=updates) if updates else team
+    team.check_topology()
+    return team
+
+
+def parse_value(text: str, *, scalar: bool = True) -> Any:
+    """A command-line value read as YAML (``2`` -> 2, ``true`` -> True, ``+-`` -> "+-"); text that is
+    not valid YAML, or (with ``scalar``) is not a YAML scalar, stays the string as typed."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if scalar and not isinstance(value, str | int | float | bool | type(None)):
+        return text
+    return value
+
+
+def parse_task_options(items: list[str] | None, task: str) -> dict[str, Any]:
+    """``--task-option key=value`` items as load_task keyword options (unknown keys fail in load_task)."""
+    from mlpo_agents.tasks import OPTIONS
+
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            valid = ", ".join(OPTIONS.get(task, ())) or "none"
+            raise UserError(
+                f"--task-option {item!r}: use key=value, e.g. --task-option max_value=20 "
+                f"(options of task {task!r}: {valid})"
+            )
+        options[key.strip().replace("-", "_")] = parse_value(value)
+    return options
 
 
 def _tasks(args: argparse.Namespace) -> list[Any]:
     from mlpo_agents.tasks import load_task
 
-    return load_task(args.task, data_dir=args.data_dir, split=args.split, subset=args.subset,
-                     limit=args.limit, seed=args.seed)
+    tasks = load_task(args.task, data_dir=args.data_dir, split=args.split, subset=args.subset,
+                      limit=args.limit, seed=args.seed, **parse_task_options(args.task_option, args.task))
+    if not tasks:
+        raise UserError(f"task {args.task!r} (split {args.split or 'default'}) has no questions; "
+                        "choose another --split or --subset")
+    return tasks
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -50,6 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mlpo_agents.runner import run_team
     from mlpo_agents.trace import open_store
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: the number of questions must be >= 1, e.g. --limit 8")
+    if args.concurrency < 1:
+        raise UserError(f"--concurrency {args.concurrency}: must be >= 1, e.g. --concurrency 4")
     if args.dtype:
         os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     team = _team(args)
@@ -96,49 +143,81 @@ def cmd_traces(args: argparse.Namespace) -> int:
     """Show a summary of a trace store or export it."""
     from mlpo_agents.trace import open_store
 
-    if not Path(args.traces).exists():
+    is_url = args.traces.startswith(("postgres://", "postgresql://"))
+    if not is_url and not Path(args.traces).exists():
         raise UserError(f"no trace store at {args.traces}; run `mlpo run` first or pass --traces")
-    store = open_store(args.traces)
-    if args.action == "export":
-        out = args.out or ("traces.jsonl" if args.format == "jsonl" else "traces_parquet")
-        if args.format == "jsonl":
-            print(f"wrote {store.export_jsonl(out)} events to {out}")
-        else:
-            print("wrote " + ", ".join(str(p) for p in store.export_parquet(out)))
+    wal_beside = is_url or Path(f"{args.traces}-wal").exists()  # looked at before opening creates one
+    with open_store(args.traces) as store:
+        episodes = store.episodes()
+        if not episodes and not wal_beside:
+            print(f"warning: {args.traces} holds no episodes and no {Path(args.traces).name}-wal is beside it: "
+                  "if you copied a store while it was being written, copy the -wal file too", file=sys.stderr)
+        if args.action == "export":
+            out = args.out or ("traces.jsonl" if args.format == "jsonl" else "traces_parquet")
+            if args.format == "jsonl":
+                print(f"wrote {store.export_jsonl(out)} events to {out}")
+            else:
+                print("wrote " + ", ".join(str(p) for p in store.export_parquet(out)))
+            return 0
+        if args.episode:
+            ids = [e.episode_id for e in episodes if e.episode_id.startswith(args.episode)]
+            if not ids:
+                raise UserError(f"no episode id in {args.traces} starts with {args.episode!r}; "
+                                "`mlpo traces show` lists the latest ids")
+            for c in store.calls(episode_id=ids):
+                print(f"{c.node:<10} {c.agent:<8} r{c.round} g{c.group_id[:6]}#{c.sample_index} {c.version:<8} "
+                      f"{c.prompt_tokens}+{c.completion_tokens} tok {c.latency_s:.2f}s  {' '.join(c.text.split())[:90]}")
+            return 0
+        # Interrupted episodes were restarted by a resume: their task rows are counted once, by the new episode.
+        counted = [e for e in episodes if e.status != "interrupted"]
+        by_status: dict[str, int] = {}
+        for e in counted:
+            by_status[e.status] = by_status.get(e.status, 0) + 1
+        interrupted = len(episodes) - len(counted)
+        rewards = [r.value for r in store.rewards(name="correct") if r.call_id is None]
+        print(f"{args.traces}: {len(counted)} episodes {by_status}, {len(store.calls())} calls, "
+              f"{len(store.failures())} failures, episode accuracy "
+              f"{(sum(rewards) / len(rewards)) if rewards else float('nan'):.3f}"
+              + (f"; {interrupted} interrupted episodes not counted (a resume restarted their rows)" if interrupted else ""))
+        for e in episodes[-args.last:]:
+            print(f"  {e.episode_id}  {e.task}/{e.task_id:<18} {e.team:<10} {e.status:<11} answer={e.final_answer!r}")
         return 0
-    episodes = store.episodes()
-    if args.episode:
-        calls = store.calls(episode_id=[e.episode_id for e in episodes if e.episode_id.startswith(args.episode)])
-        for c in calls:
-            print(f"{c.node:<10} {c.agent:<8} r{c.round} g{c.group_id[:6]}#{c.sample_index} {c.version:<8} "
-                  f"{c.prompt_tokens}+{c.completion_tokens} tok {c.latency_s:.2f}s  {' '.join(c.text.split())[:90]}")
-        return 0
-    by_status: dict[str, int] = {}
-    for e in episodes:
-        by_status[e.status] = by_status.get(e.status, 0) + 1
-    rewards = [r.value for r in store.rewards(name="correct") if r.call_id is None]
-    print(f"{args.traces}: {len(episodes)} episodes {by_status}, {len(store.calls())} calls, "
-          f"{len(store.failures())} failures, episode accuracy "
-          f"{(sum(rewards) / len(rewards)) if rewards else float('nan'):.3f}")
-    for e in episodes[-args.last:]:
-        print(f"  {e.episode_id}  {e.task}/{e.task_id:<18} {e.team:<10} {e.status:<9} answer={e.final_answer!r}")
-    return 0
+
+
+MERMAID_RENDERER = "mmdc"
+"""mermaid-cli's command; `mlpo graph --png` renders with it when it is installed, never through a web service."""
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    """Print a topology as mermaid, or write a PNG."""
+    """Print a topology as mermaid, write it to a file, or render a PNG with a local mermaid-cli."""
     from mlpo_agents.graphs import build_topology
 
-    params = dict(json.loads(args.params)) if args.params else {}
-    drawable = build_topology(args.topology, **params).get_graph()
+    try:
+        params = dict(json.loads(args.params)) if args.params else {}
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise UserError(f"--params {args.params!r}: give a JSON object, e.g. --params '{{\"peers\": 2}}'") from None
+    text = build_topology(args.topology, **params).get_graph().draw_mermaid()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}; render it locally with `{MERMAID_RENDERER} -i {args.out} -o graph.png` "
+              "(mermaid-cli) or paste it into any mermaid viewer", file=sys.stderr)
     if args.png:
-        try:
-            Path(args.png).write_bytes(drawable.draw_mermaid_png())
-        except Exception as e:  # noqa: BLE001 - mermaid PNG rendering needs network or pyppeteer
-            raise UserError(f"cannot render PNG here ({e}); use the mermaid text printed without --png") from None
-        print(f"wrote {args.png}")
-    else:
-        print(drawable.draw_mermaid())
+        renderer = shutil.which(MERMAID_RENDERER)
+        if renderer is None:
+            raise UserError(
+                f"--png {args.png}: no local mermaid renderer (`{MERMAID_RENDERER}`, mermaid-cli) on PATH, and "
+                "graphs are never sent to a web service; write the text with --out graph.mmd and render it "
+                f"where mermaid-cli is installed (`{MERMAID_RENDERER} -i graph.mmd -o {args.png}`)"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / "graph.mmd"
+            source.write_text(text)
+            done = subprocess.run([renderer, "-i", str(source), "-o", args.png], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise UserError(f"{MERMAID_RENDERER} failed to render {args.png}: {done.stderr.strip()[-300:]}")
+        print(f"wrote {args.png}", file=sys.stderr)
+    if not args.out and not args.png:
+        print(text)
     return 0
 
 
@@ -149,6 +228,14 @@ def _add_task_args(p: argparse.ArgumentParser, limit: int | None) -> None:
     p.add_argument("--limit", type=int, default=limit, help="number of questions (seeded sample)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the question sample")
     p.add_argument("--data-dir", default=None, help="local benchmark folder (default: $MLPO_DATA_DIR, else the hub)")
+    add_task_option_arg(p)
+
+
+def add_task_option_arg(p: argparse.ArgumentParser) -> None:
+    """The repeatable ``--task-option key=value`` flag (values read as YAML scalars)."""
+    p.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="task loader option, repeatable, e.g. --task-option max_value=20 --task-option ops=+- "
+                        "(arithmetic: num_operands, max_value, ops, parentheses)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--out", default=None)
     traces.set_defaults(func=cmd_traces)
 
-    graph = sub.add_parser("graph", help="print a topology as mermaid (or --png FILE)")
+    graph = sub.add_parser("graph", help="print a topology as mermaid (or write it with --out FILE)")
     graph.add_argument("--topology", default="leader_peers")
     graph.add_argument("--params", default=None, help='builder parameters as JSON, e.g. \'{"peers": 2}\'')
-    graph.add_argument("--png", default=None)
+    graph.add_argument("--out", default=None, help="write the mermaid text to this file (e.g. graph.mmd)")
+    graph.add_argument("--png", default=None,
+                       help=f"render a PNG with a local mermaid-cli (`{MERMAID_RENDERER}`); never uses the network")
     graph.set_defaults(func=cmd_graph)
 
     for module_name in PLUGGED_COMMANDS:
@@ -204,10 +293,63 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         args = parser.parse_args(["run", *(argv or [])])
     try:
-        return int(args.func(args) or 0)
+        with library_warnings(_warnings_log(args), show=bool(getattr(args, "verbose", False))):
+            return int(args.func(args) or 0)
     except (UserError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"mlpo {args.command or 'run'}: error: {e}", file=sys.stderr)
         return 2
+
+
+WARNINGS_LOG = "warnings.log"
+
+
+def _warnings_log(args: argparse.Namespace) -> Path | None:
+    """Where a command's library warnings go: `warnings.log` in its run folder (None: dropped)."""
+    if args.command in (None, "run"):
+        return Path(args.traces).parent / WARNINGS_LOG
+    if args.command == "eval":
+        return Path(args.runs_dir) / args.name / WARNINGS_LOG
+    if args.command == "train" and getattr(args, "out", None):
+        return Path(args.out) / WARNINGS_LOG
+    return None
+
+
+class _LogFile(logging.FileHandler):
+    """A log file whose folder is made when the first record arrives (a failed command leaves no folder)."""
+
+    def _open(self) -> Any:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextlib.contextmanager
+def library_warnings(log: Path | None, *, show: bool = False) -> Iterator[None]:
+    """Send Python warnings (e.g. transformers' FutureWarnings) to `log` instead of the terminal.
+
+    The file is only created when a warning arrives; `show` (--verbose) also prints them to stderr.
+    """
+    logger = logging.getLogger("py.warnings")
+    handlers: list[logging.Handler] = []
+    if log is not None:
+        handlers.append(_LogFile(log, delay=True, encoding="utf-8"))
+    if show:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    if not handlers:
+        handlers.append(logging.NullHandler())  # else logging's last-resort handler prints them anyway
+    saved = logger.propagate, logger.level
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate, logger.level = False, logging.WARNING
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.propagate, logger.level = saved
 
 
 if __name__ == "__main__":

@@ -43,13 +43,21 @@ def _split_list(value: str, what: str) -> list[str]:
 
 def load_tasks(specs: list[str], args: argparse.Namespace) -> dict[str, list[Any]]:
     """Task label -> rows, for every spec; raises (listing the valid names) before anything runs."""
-    from mlpo_agents.tasks import load_task
+    from mlpo_agents.cli import parse_task_options
+    from mlpo_agents.tasks import OPTIONS, load_task
 
+    names = [parse_task_spec(spec)[0] for spec in specs]
+    options = parse_task_options(getattr(args, "task_option", None), names[0] if len(names) == 1 else "")
+    for key in options:
+        if not any(key in OPTIONS.get(name, ()) for name in names):
+            valid = {name: OPTIONS[name] for name in names if name in OPTIONS}
+            raise ValueError(f"--task-option {key}: none of the tasks {', '.join(names)} takes it (options: {valid or 'none'})")
     out = {}
     for spec in specs:
         name, subset = parse_task_spec(spec)
+        mine = {k: v for k, v in options.items() if k in OPTIONS.get(name, ())}
         rows = load_task(
-            name, data_dir=args.data_dir, split=args.split, subset=subset, limit=args.limit, seed=args.seed
+            name, data_dir=args.data_dir, split=args.split, subset=subset, limit=args.limit, seed=args.seed, **mine
         )
         if not rows:
             raise ValueError(f"task {spec!r} has no rows (split {args.split or 'default'})")
@@ -72,6 +80,7 @@ def load_teams(specs: list[str], max_tokens: int | None) -> list[Any]:
                 for role, rc in team.roles.items()
             }
             team = team.model_copy(update={"roles": roles})
+        team.check_topology()
         teams.append(team)
     names = [t.name for t in teams]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -141,6 +150,7 @@ def _command(args: argparse.Namespace) -> str:
     if args.limit is not None:
         parts.append(f"--limit {args.limit}")
     parts.append(f"--seed {args.seed}")
+    parts += [f"--task-option {item}" for item in getattr(args, "task_option", None) or []]
     for flag, value in (
         ("--split", args.split),
         ("--adapter", args.adapter),
@@ -320,6 +330,10 @@ def add_subcommand(subparsers: Any) -> None:
     p.add_argument("--limit", type=int, default=30, help="questions per task (seeded sample; 0 or less: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for the question samples")
     p.add_argument("--split", default=None, help="dataset split (default: each task's test split)")
+    p.add_argument(
+        "--task-option", action="append", default=None, metavar="KEY=VALUE",
+        help="task loader option for the tasks that take it, repeatable (arithmetic: max_value, ops, ...)",
+    )
     p.add_argument(
         "--data-dir", default=None, help="local benchmark folder (default: $MLPO_DATA_DIR, else the hub)"
     )

@@ -266,8 +266,8 @@ def preflight(team: TeamConfig, timeout_s: float = 3.0) -> None:
 
             try:
                 spec = zoo.canonical_spec(model.removeprefix("local/").split("@", 1)[0])
-                if spec == zoo.SMOLLM2:
-                    zoo.smollm2_folder()
+                if spec != zoo.TINY_TEST:
+                    zoo.model_folder(spec)
             except (ValueError, zoo.ModelNotAvailableError) as e:
                 raise ConfigError(f"deployment {dep['model_name']!r} ({model}): {e}") from None
         elif model.startswith("hosted_vllm/") and params.get("api_base"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
-from .sandbox import run_program
+from .sandbox import TestedProgram, run_tests
 
 if TYPE_CHECKING:
     from .tasks.base import Task
@@ -332,20 +332,24 @@ def extract_code(text: str) -> str | None:
     return code.strip("\n") + "\n" if code.strip() else None
 
 
-def build_program(task: Task, code: str) -> str:
-    """The solution plus the task's tests, ready to run; a failing test makes it exit non-zero."""
+def build_program(task: Task, code: str) -> TestedProgram:
+    """The solution and the task's tests, for ``run_tests``: the tests run in the judge, not beside the code."""
     style = task.meta.get("style")
+    entry = task.meta.get("entry_point")
+    if not entry:
+        raise ValueError(f"code task {task.id} has no meta['entry_point']; the tests need a function to call.")
     if style == "humaneval":
-        entry, prompt = task.meta["entry_point"], task.meta["prompt"]
+        prompt = task.meta["prompt"]
         # A full definition is appended after the prompt (keeping its imports and helpers);
         # a bare body continues the prompt's signature.
         defines = re.search(rf"^def\s+{re.escape(entry)}\s*\(", code, re.MULTILINE)
         solution = prompt + "\n" + code if defines else prompt + code
-        return f"{solution}\n\n{task.meta['tests']}\n\ncheck({entry})\n"
+        # The judge runs the prompt too, so the tests use its helpers, not the solution's redefinitions.
+        return TestedProgram(solution, f"{task.meta['tests']}\n\ncheck({entry})\n", (entry,), setup=prompt)
     if style == "mbpp":
         imports = "\n".join(task.meta.get("test_imports", []))
         tests = "\n".join(task.meta["tests"])
-        return f"{imports}\n{code}\n\n{tests}\n"
+        return TestedProgram(f"{imports}\n{code}", tests + "\n", (entry,), setup=imports)
     raise ValueError(f"code task {task.id} has meta['style']={style!r}; expected 'humaneval' or 'mbpp'.")
 
 
@@ -353,12 +357,14 @@ def _score_code(task: Task, completion_text: str) -> RewardResult:
     code = extract_code(completion_text)
     if code is None:
         return RewardResult(0.0, None, "no_answer")
-    result = run_program(build_program(task, code), timeout_s=task.meta.get("timeout_s", CODE_TIMEOUT_S))
-    if result.passed:
+    result = run_tests(build_program(task, code), timeout_s=task.meta.get("timeout_s", CODE_TIMEOUT_S))
+    if result.passed:  # the judge saw every test pass; nothing the solution does can fake this
         return RewardResult(1.0, code, "correct")
     if result.timed_out:
         return RewardResult(0.0, code, "timeout")
-    if "AssertionError" in result.reason:
+    if result.reason.startswith("sandbox error"):
+        return RewardResult(0.0, code, f"{REWARD_FAILED} {result.reason}")
+    if result.reason.startswith("AssertionError"):
         return RewardResult(0.0, code, "wrong")
     return RewardResult(0.0, code, f"error: {result.reason}")
 

@@ -58,9 +58,7 @@ def weights_folder(spec: str) -> Path:
             except OSError:  # another process won the race; its folder holds the same bytes
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder
-    if canon == zoo.SMOLLM2:
-        return zoo.smollm2_folder()
-    return Path(canon)
+    return zoo.model_folder(canon)
 
 
 @dataclass

@@ -3,11 +3,13 @@
 Every model call is one `ModelCall` event holding the exact token ids and per-token logprobs the engine
 sampled. Rewards and failures are separate events that point at an episode (and optionally a call).
 Events are written in batches, one transaction per batch, so a crash never leaves half a batch behind.
+The SQLite file is whole on disk after every run and on close (the write-ahead log is folded into it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -18,7 +20,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-EpisodeStatus = Literal["running", "done", "degraded", "failed"]
+EpisodeStatus = Literal["running", "done", "degraded", "failed", "interrupted"]
+"""`interrupted`: the run that wrote it was killed and a later `--resume` restarted its task row."""
+
+FINISHED: tuple[EpisodeStatus, ...] = ("done", "degraded")
+"""Statuses of an episode that produced a team answer: what `--resume` skips and summaries score."""
+
+
+class TraceStoreError(ValueError):
+    """A trace store that cannot be used as it is (corrupted, another app's file, read-only); says the fix."""
 
 
 def new_id() -> str:
@@ -127,7 +137,8 @@ CREATE TABLE IF NOT EXISTS failures (
 _JSON_FIELDS = {"messages", "sampling", "meta"}
 _INT_ARRAYS = {"prompt_token_ids", "completion_token_ids"}
 _FLOAT_ARRAYS = {"logprobs"}
-_TABLES: dict[type, str] = {Episode: "episodes", ModelCall: "calls", Reward: "rewards", Failure: "failures"}
+TABLES: dict[type, str] = {Episode: "episodes", ModelCall: "calls", Reward: "rewards", Failure: "failures"}
+"""Event type -> table; each table has one column per dataclass field (the schema both stores share)."""
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -158,6 +169,8 @@ def _decode(name: str, value: Any) -> Any:
 class TraceStore:
     """Append-only event log in one SQLite file (WAL, one transaction per `append` batch).
 
+    Opening checks the file before anything is written to it: a corrupted file, another application's
+    database, a store missing columns or a read-only file raises `TraceStoreError` and is left untouched.
     Subclasses change the connection and the SQL dialect only (`PostgresTraceStore`).
     """
 
@@ -166,21 +179,83 @@ class TraceStore:
 
     def __init__(self, path: str | Path = "runs/traces.sqlite"):
         self.path = Path(path)
-        if str(path) != ":memory:":
+        self.where = str(path)
+        """How error messages name this store."""
+        if self.where != ":memory:" and not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = self._connect(str(path))
-        self._insert_sql = {cls: self._insert_statement(cls) for cls in _TABLES}
+        self._insert_sql = {cls: self._insert_statement(cls) for cls in TABLES}
 
     def _connect(self, path: str) -> Any:
+        if path != ":memory:" and self.path.exists():
+            _refuse_read_only(self.path)
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as e:
+            raise TraceStoreError(f"cannot open the trace store {path} ({e}); pass another --traces path") from None
+        try:
+            if path != ":memory:":
+                self._check_sqlite(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"{path} is not a usable trace store ({e}); pass another --traces path") from e
+            db.close()
+            raise TraceStoreError(_sqlite_problem(self.path, e)) from None
+        except TraceStoreError:
+            db.close()
+            raise
         return db
+
+    def _check_sqlite(self, db: sqlite3.Connection) -> None:
+        """Read-only checks of an existing file: intact, ours (or empty), writable. Raises TraceStoreError."""
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            found = " ".join("; ".join(problems).split())[:200]
+            raise TraceStoreError(
+                f"the trace store {self.path} is corrupted ({found}); "
+                "restore it from a backup or pass a new --traces path"
+            )
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if not r[0].startswith("sqlite_")]
+        ours = set(TABLES.values())
+        if tables and not ours & set(tables):
+            raise TraceStoreError(
+                f"{self.path} is not a trace store (it holds the tables {', '.join(sorted(tables)[:5])} of "
+                "another application); pass a new --traces path"
+            )
+        self._check_columns({t: {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t in ours & set(tables)})
+        # A write that is rolled back: fails on a file SQLite could only open read-only, changes nothing.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            db.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            db.execute("ROLLBACK")
+
+    def _check_columns(self, columns: dict[str, set[str]]) -> None:
+        """Refuse a store whose tables lack columns this version writes (`columns`: table -> its columns)."""
+        for cls, table in TABLES.items():
+            if table not in columns:
+                continue
+            missing = [f.name for f in fields(cls) if f.name not in columns[table]]
+            if missing:
+                raise TraceStoreError(
+                    f"{self.where} is not a trace store of this version: table {table} lacks the columns "
+                    f"{', '.join(missing)}; pass a new --traces path"
+                )
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the store file, so the `.sqlite` file alone holds every event."""
+        with self._lock:
+            # Never wait on other writers or readers: fold what can be folded now (everything, when alone).
+            timeout = self._db.execute("PRAGMA busy_timeout").fetchone()[0]
+            self._db.execute("PRAGMA busy_timeout = 0")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {int(timeout)}")
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -201,7 +276,7 @@ class TraceStore:
     def _insert_statement(self, cls: type) -> str:
         names = [f.name for f in fields(cls)]
         values = ", ".join([self.placeholder] * len(names))
-        sql = f"INSERT INTO {_TABLES[cls]} ({', '.join(names)}) VALUES ({values})"
+        sql = f"INSERT INTO {TABLES[cls]} ({', '.join(names)}) VALUES ({values})"
         if cls is Episode:  # an episode row is written when it starts and updated when it ends
             updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "episode_id")
             sql += f" ON CONFLICT(episode_id) DO UPDATE SET {updates}"
@@ -219,7 +294,7 @@ class TraceStore:
     # ---- reading -------------------------------------------------------------------------------
     def _select(self, cls: type, where: str = "", args: Sequence[Any] = ()) -> list[Any]:
         names = [f.name for f in fields(cls)]
-        rows = self._query(f"SELECT {', '.join(names)} FROM {_TABLES[cls]} {where} ORDER BY {self.order_column}", args)
+        rows = self._query(f"SELECT {', '.join(names)} FROM {TABLES[cls]} {where} ORDER BY {self.order_column}", args)
         return [cls(**{n: _decode(n, v) for n, v in zip(names, row, strict=True)}) for row in rows]
 
     @staticmethod
@@ -268,17 +343,30 @@ class TraceStore:
         return {r[0] for r in rows}
 
     def unfinished_episodes(self, task: str, team: str) -> dict[str, str]:
-        """task_id -> id of its latest episode that never finished (running or failed): what checkpoints resume."""
+        """task_id -> id of its latest episode that never finished (running, failed or interrupted):
+        what checkpoints resume."""
         rows = self._query(
             "SELECT task_id, episode_id FROM episodes WHERE task = ? AND team = ? "
-            f"AND status IN ('running', 'failed') ORDER BY {self.order_column}",
+            f"AND status IN ('running', 'failed', 'interrupted') ORDER BY {self.order_column}",
             (task, team),
         )
         return dict(rows)
 
+    def mark_interrupted(self, task: str, team: str, keep: Iterable[str] = ()) -> int:
+        """Mark this task and team's `running` episodes (left by a killed run) `interrupted`, except `keep`.
+
+        Returns how many were marked. The resuming run calls this before it starts its own episodes.
+        """
+        kept = set(keep)
+        ids = [r[0] for r in self._query("SELECT episode_id FROM episodes WHERE task = ? AND team = ? AND "
+                                         "status = 'running'", (task, team)) if r[0] not in kept]
+        update = f"UPDATE episodes SET status = 'interrupted' WHERE episode_id = {self.placeholder}"
+        self._write([(update, [i]) for i in ids])
+        return len(ids)
+
     def iter_events(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every event as (kind, dict), kinds in table order: episodes, calls, rewards, failures."""
-        for cls, table in _TABLES.items():
+        for cls, table in TABLES.items():
             for ev in self._select(cls):
                 yield table, asdict(ev)
 
@@ -300,7 +388,7 @@ class TraceStore:
         out_dir = Path(folder)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for cls, table in _TABLES.items():
+        for cls, table in TABLES.items():
             rows = [asdict(ev) for ev in self._select(cls)]
             for row in rows:
                 for key in _JSON_FIELDS & row.keys():
@@ -314,6 +402,8 @@ class TraceStore:
 
     def close(self) -> None:
         """Close the database connection."""
+        if self.where != ":memory:":
+            self.checkpoint()
         with self._lock:
             self._db.close()
 
@@ -322,6 +412,35 @@ class TraceStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refuse_read_only(path: Path) -> None:
+    """A file without write permission (even for root) or a folder SQLite cannot add its -wal file to."""
+    if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
+        raise TraceStoreError(
+            f"the trace store {path} is read-only; make it writable (chmod u+w {path}) or pass another --traces path"
+        )
+    if not os.access(path.parent, os.W_OK):
+        raise TraceStoreError(
+            f"the folder of the trace store {path} is read-only (SQLite writes {path.name}-wal beside it); "
+            "make it writable or pass another --traces path"
+        )
+
+
+def _sqlite_problem(path: Path, error: sqlite3.DatabaseError) -> str:
+    """One line for an SQLite error met while opening `path`: what is wrong and what to do."""
+    if "readonly" in str(error):
+        return f"the trace store {path} is read-only ({error}); make it writable or pass another --traces path"
+    if "locked" in str(error) or "busy" in str(error):
+        return f"the trace store {path} is locked by another process ({error}); retry, or pass another --traces path"
+    try:
+        with open(path, "rb") as f:
+            is_sqlite = f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return f"cannot open the trace store {path} ({error}); pass another --traces path"
+    if is_sqlite:
+        return f"the trace store {path} is corrupted ({error}); restore it from a backup or pass a new --traces path"
+    return f"{path} is not a trace store (not an SQLite file: {error}); pass another --traces path"
 
 
 def open_store(url: str | Path) -> TraceStore:

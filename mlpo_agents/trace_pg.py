@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.trace import TraceStore
+from mlpo_agents.trace import TABLES, TraceStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
@@ -45,15 +45,10 @@ class PostgresTraceStore(TraceStore):
     def __init__(self, url: str):
         self.path = Path(url)
         self.url = url
+        self.where = url
         self._lock = threading.Lock()
         self._db = self._connect(url)
-        self._insert_sql = {cls: self._insert_statement(cls) for cls in self._tables()}
-
-    @staticmethod
-    def _tables() -> list[type]:
-        from mlpo_agents.trace import _TABLES
-
-        return list(_TABLES)
+        self._insert_sql = {cls: self._insert_statement(cls) for cls in TABLES}
 
     def _connect(self, url: str) -> Any:
         try:
@@ -65,9 +60,22 @@ class PostgresTraceStore(TraceStore):
         except psycopg.OperationalError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"cannot connect to the trace store at {url} ({first}); is the server up?") from None
+        rows = db.execute("SELECT table_name, column_name FROM information_schema.columns "
+                          "WHERE table_schema = current_schema()").fetchall()
+        columns: dict[str, set[str]] = {}
+        for table, column in rows:
+            columns.setdefault(table, set()).add(column)
+        try:
+            self._check_columns(columns)  # before creating anything: a refused database is left as it was
+        except BaseException:
+            db.close()
+            raise
         with db.transaction():
             db.execute(_SCHEMA)
         return db
+
+    def checkpoint(self) -> None:
+        """Nothing to fold: a PostgreSQL server keeps its own files whole."""
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

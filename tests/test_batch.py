@@ -109,8 +109,10 @@ def test_std_scale_and_weighted_reward_names():
         reward_weights=[1.0, 0.5],
         std_scale=True,
     )
-    # squares 25/36 + 1/36 + 16/36 = 42/36, /2 = 7/12, std = 0.7637626; 5/6 / 0.7637626 = 1.0910895
-    assert torch.allclose(scaled.advantages, torch.tensor([1.0910895, -0.2182179, -0.8728716]), atol=1e-5)
+    # squares 25/36 + 1/36 + 16/36 = 42/36, /2 = 7/12, std = 0.7637626; divided by std + 1e-4 (TRL's eps)
+    std = 0.7637626 + 1e-4
+    expected = torch.tensor([5 / 6, -1 / 6, -2 / 3]) / std
+    assert torch.allclose(scaled.advantages, expected, atol=1e-6)
 
 
 def test_foreign_base_model_is_refused_with_a_clear_message():
@@ -267,3 +269,19 @@ def test_runner_traces_become_a_batch(tmp_path):
     with pytest.raises(TraceMismatchError):
         traces_to_batch(*load_events(store), base_model="smollm2-135m")
     store.close()
+
+
+def test_temperatures_carry_each_calls_sampling_temperature():
+    """Row b's temperature is the one its call sampled at; greedy (0) and unrecorded count as 1, counted."""
+    calls = [call("a", index=0), call("b", index=1), call("c", index=2), call("d", index=3)]
+    for c, sampling in zip(
+        calls, ({"temperature": 0.7}, {"temperature": 0.0}, {}, {"temperature": 1.3}), strict=True
+    ):
+        c.sampling = sampling
+    rewards = [correct(c.call_id, v) for c, v in zip(calls, (1.0, 0.0, 1.0, 0.0), strict=True)]
+    batch = traces_to_batch(calls, rewards, base_model=BASE)
+    assert torch.allclose(batch.temperatures, torch.tensor([0.7, 1.0, 1.0, 1.3]))
+    assert batch.stats.greedy_rows == 1 and batch.stats.as_dict()["greedy_rows"] == 1
+    assert not batch.old_logprobs_tempered  # the engine's raw logprobs
+    sub = batch.select([3, 0])
+    assert torch.allclose(sub.temperatures, torch.tensor([1.3, 0.7]))

@@ -100,21 +100,24 @@ def test_resume_skips_finished_rows_and_the_table_still_counts_them(tmp_path):
     args = ["--teams", str(team), "--limit", "4", "--no-plots"]
     assert main(eval_args(tmp_path, *args, "--tasks", "arithmetic")) == 0
     first = cells(tmp_path)["bot", "arithmetic"]
-    # The outage leaves the leader without an answer: a degraded episode, scored 0 and flagged as such.
-    assert (first["n"], first["correct"], first["degraded"], first["failed"]) == (4, 2.0, 1, 0)
+    # The outage leaves the leader without an answer: a failed episode, out of the accuracy denominator
+    # and flagged as such.
+    assert (first["n"], first["correct"], first["degraded"], first["failed"]) == (3, 2.0, 0, 1)
 
     FAILING["on"] = False
     calls_before = len(bot.seen)
     assert main(eval_args(tmp_path, *args, "--tasks", "arithmetic,gsm8k", "--resume")) == 0
     new_prompts = [m[-1]["content"] for m in bot.seen[calls_before:]]
-    assert len(new_prompts) == 4 and not any(q in p for q in gold for p in new_prompts)  # only gsm8k ran
+    # Resume retries the failed row and runs gsm8k; the finished arithmetic rows are not asked again.
+    assert len(new_prompts) == 5
+    assert [q for q in gold if any(q in p for p in new_prompts)] == [broken]
     second = cells(tmp_path)
-    assert second["bot", "arithmetic"] == {**first, "wall_s": pytest.approx(first["wall_s"], abs=0.5)}
+    assert (second["bot", "arithmetic"]["n"], second["bot", "arithmetic"]["correct"]) == (4, 3.0)
     assert second["bot", "gsm8k"]["n"] == 4
-    assert len(TraceStore(tmp_path / "e" / "traces.sqlite").episodes(task="arithmetic")) == 4
+    assert len(TraceStore(tmp_path / "e" / "traces.sqlite").episodes(task="arithmetic")) == 5
     assert (
-        first["answered"] == 3
-        and "| bot | arithmetic | 4 | 0.500 |" in (tmp_path / "e" / "results.md").read_text()
+        second["bot", "arithmetic"]["answered"] == 4
+        and "| bot | arithmetic | 4 | 0.750 |" in (tmp_path / "e" / "results.md").read_text()
     )
 
     # Without --resume an existing run is not silently mixed into.

@@ -150,7 +150,7 @@ def test_every_chain_failing_gives_no_answer(store):
     result = run(
         gvr_team("g6", gen, ScriptedModel("g6-ver", "x"), ScriptedModel("g6-ref", "x"), chains=2), store
     )
-    assert result.answer is None and result.status == "degraded"
+    assert result.answer is None and result.status == "failed"  # no team answer: failed, not degraded
     assert result.state["failed_chains"] == ["chain-1", "chain-2"]
     assert store.calls() == []
 

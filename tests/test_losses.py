@@ -32,9 +32,11 @@ def test_group_advantages_dr_grpo_is_reward_minus_group_mean():
 def test_group_advantages_std_scale_uses_unbiased_group_std():
     # group 0: sum of squares 4 * 0.25 = 1, /(4-1) = 1/3, std = 0.5773503, 0.5 / 0.5773503 = 0.8660254
     # group 1: std 0 -> 0 / eps = 0;  group 2: squares 1 + 1 + 0 = 2, /(3-1) = 1, std = 1 -> 1, -1, 0
+    # (each divided by std + STD_EPS = 1e-4, TRL's epsilon)
     adv = group_advantages(REWARDS, GROUPS, std_scale=True)
-    a = 0.8660254
-    assert close(adv, [a, -a, -a, a, 0.0, 0.0, 1.0, -1.0, 0.0])
+    a = 0.5 / (0.5773503 + 1e-4)
+    b = 1.0 / (1.0 + 1e-4)
+    assert close(adv, [a, -a, -a, a, 0.0, 0.0, b, -b, 0.0])
 
 
 def test_group_advantages_rejects_mismatched_shapes():
@@ -179,3 +181,35 @@ def test_discounted_returns_early_termination():
     rewards = torch.tensor([[1.0, 0.0, 5.0], [0.0, 1.0, 0.0]])
     done = torch.tensor([[False, True, False], [False, True, False]])
     assert close(discounted_returns(rewards, 0.9, done), [[1.0, 0.0, 0.0], [0.9, 1.0, 0.0]])
+
+
+def test_token_logprobs_tempered_is_log_softmax_of_logits_over_t():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, generator=g)
+    ids = torch.randint(0, 6, (2, 4), generator=g)
+    temps = torch.tensor([0.7, 1.0])
+    logp = token_logprobs(logits, ids, temps)
+    for b in range(2):
+        expected = torch.log_softmax(logits[b, :-1] / temps[b], dim=-1).gather(1, ids[b, 1:, None]).squeeze(1)
+        assert torch.allclose(logp[b, 1:], expected, atol=1e-6)
+    assert torch.equal(token_logprobs(logits, ids, 1.0), token_logprobs(logits, ids))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logprobs(logits, ids, torch.tensor([0.0, 1.0]))
+
+
+def test_grpo_loss_k3_ratio_kl_weights_k3_by_the_ratio():
+    # one token, A = 0, old = -1, logp = -0.9 -> r = e^0.1; ref = -1.2: d = -0.3, k3 = e^-0.3 + 0.3 - 1
+    logp = torch.tensor([[0.0, -0.9]], requires_grad=True)
+    old, ref, mask = torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, -1.2]]), torch.tensor([[0.0, 1.0]])
+    k3 = math.exp(-0.3) + 0.3 - 1
+    plain, _ = grpo_loss(logp, old, torch.zeros(1), mask, ref_logp=ref, kl_coef=1.0)
+    weighted, _ = grpo_loss(
+        logp, old, torch.zeros(1), mask, ref_logp=ref, kl_coef=1.0, kl_estimator="k3_ratio"
+    )
+    assert plain.item() == pytest.approx(k3, abs=1e-6)
+    assert weighted.item() == pytest.approx(math.exp(0.1) * k3, abs=1e-6)
+    # d/dlogp (r * k3) = r * k3 + r * (1 - e^d)
+    (grad,) = torch.autograd.grad(weighted, logp)
+    assert grad[0, 1].item() == pytest.approx(math.exp(0.1) * (k3 + 1 - math.exp(-0.3)), abs=1e-6)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        grpo_loss(logp, old, torch.zeros(1), mask, kl_estimator="k2")  # type: ignore[arg-type]

@@ -50,7 +50,7 @@ def correct(call_id, value, episode="e1"):
     return Reward(episode, "correct", value, call_id=call_id)
 
 
-def batches_of(calls, rewards, gamma=0.9, threshold=1.0):
+def batches_of(calls, rewards, gamma=0.9, threshold=None):
     actions, skipped = joint_actions(
         calls,
         rewards,
@@ -78,7 +78,7 @@ def test_aligned_joint_actions_pair_the_ith_draft_with_its_answer_and_share_the_
 
     assert [[c.call_id for c in a.calls] for a in actions] == [["d0", "s0"], ["d1", "s1"], ["d2", "s2"]]
     assert [a.group for a in actions] == ["gd"] * 3 and [a.reward for a in actions] == [1.0, 0.0, 0.0]
-    assert missing == {} and skipped == {"no_reward": 0}
+    assert missing == {} and skipped == {"no_reward": 0, "after_termination": 0}
     # R = (1, 0, 0), mean 1/3: A = (2/3, -1/3, -1/3) for *both* agents, row g of each is joint action g.
     expected = torch.tensor([2 / 3, -1 / 3, -1 / 3])
     for role in AGENTS:
@@ -109,10 +109,9 @@ def test_cross_joint_actions_give_each_draft_the_mean_advantage_of_its_answers()
     torch.testing.assert_close(batches["drafter"].advantages, torch.tensor([0.25, -0.25]))
 
 
-def test_multi_turn_returns_discount_the_childrens_mean_and_stop_at_the_threshold():
-    # Turn 0: a0 = (d0, s0) is correct (done), a1 = (d1, s1) is wrong and branches into two joint actions
-    # at turn 1: b0 = (e0, t0) wrong, b1 = (e1, t1) correct. A stray child of the finished a0 (c0, r = 1)
-    # must not flow back into a0's return.
+def test_multi_turn_returns_discount_the_childrens_mean_and_terminate_whole_nodes():
+    # Turn 0 node g0: a0 = (d0, s0) correct, a1 = (d1, s1) wrong: mean 0.5. Each branches into a turn-1 node:
+    # a0 -> g2 = {u0: 1}, a1 -> g1 = {t0: 0, t1: 1}.
     calls = [
         call("d0", "drafter", group="g0", index=0),
         call("d1", "drafter", group="g0", index=1),
@@ -132,22 +131,120 @@ def test_multi_turn_returns_discount_the_childrens_mean_and_stop_at_the_threshol
         correct("t1", 1.0),
         correct("u0", 1.0),
     ]
-    actions, batches, _, _ = batches_of(calls, rewards, gamma=0.9)
 
-    value = {a.key: a.value for a in actions}
-    done = {a.key: a.done for a in actions}
-    # b0 = 0, b1 = 1; a1 = 0 + 0.9 * mean(0, 1) = 0.45; a0 = 1 (done: no bootstrap from its stray child).
-    assert value == pytest.approx({"s0": 1.0, "s1": 0.45, "t0": 0.0, "t1": 1.0, "u0": 1.0})
-    assert done == {"s0": True, "s1": False, "t0": False, "t1": True, "u0": True}
-    # The same numbers along the path a1 -> b1 with discounted_returns' done mask (rewards after a done
-    # turn are ignored): G = [0 + 0.9 * 1, 1, 0].
+    # No termination (CoMLRL with termination_threshold=None, or mean 0.5 <= threshold): every joint action
+    # bootstraps from the node that branched from it. a0 = 1 + 0.9 * 1 = 1.9, a1 = 0 + 0.9 * 0.5 = 0.45.
+    for threshold in (None, 0.5):
+        actions, batches, _, skipped = batches_of(calls, rewards, gamma=0.9, threshold=threshold)
+        assert {a.key: a.value for a in actions} == pytest.approx(
+            {"s0": 1.9, "s1": 0.45, "t0": 0.0, "t1": 1.0, "u0": 1.0}
+        )
+        assert skipped["after_termination"] == 0
+        adv = dict(zip(batches["solver"].call_ids, batches["solver"].advantages.tolist(), strict=True))
+        assert adv == pytest.approx({"s0": 0.725, "s1": -0.725, "t0": -0.5, "t1": 0.5})
+
+    # threshold 0.4 < 0.5: the whole root node terminates (strict >), both of its branches are dropped.
+    actions, batches, _, skipped = batches_of(calls, rewards, gamma=0.9, threshold=0.4)
+    assert {a.key: (a.value, a.done) for a in actions} == {"s0": (1.0, True), "s1": (0.0, True)}
+    assert skipped["after_termination"] == 3
+    torch.testing.assert_close(batches["solver"].advantages, torch.tensor([0.5, -0.5]))
+    # discounted_returns' done mask (used per node by joint_returns): nothing flows back across a done turn.
     path = discounted_returns(torch.tensor([[0.0, 1.0, 5.0]]), 0.9, torch.tensor([[False, True, False]]))
     torch.testing.assert_close(path, torch.tensor([[0.9, 1.0, 0.0]]))
-    # Turn-0 group: (1, 0.45) - 0.725; turn-1 group g1: (0, 1) - 0.5; the singleton g2 is skipped.
-    solver = batches["solver"]
-    adv = dict(zip(solver.call_ids, solver.advantages.tolist(), strict=True))
-    assert adv == pytest.approx({"s0": 0.275, "s1": -0.275, "t0": -0.5, "t1": 0.5})
-    assert solver.stats.count("singleton_group") == 1
+
+
+# ---- reference: CoMLRL's rule, transcribed ---------------------------------------------------------
+# OpenMLRL/CoMLRL comlrl/trainers/reinforce/magrpo.py (MAGRPOTrainer._train_step_returns: build_node,
+# compute_returns, post_order_update; _compute_advantages with advantage_mode="mean"), read at commit
+# 1665784389b9c0d5a958242180d33f7b422c9991. A node holds the rewards of its joint actions and, unless
+# its mean reward exceeds the termination threshold, one child node per joint action.
+
+
+def comlrl_returns(node, gamma, threshold):
+    """Returns of a node's joint actions as CoMLRL computes them (children ignored when the node terminated)."""
+    terminated = threshold is not None and sum(node["rewards"]) / len(node["rewards"]) > threshold
+    if terminated or not node["children"]:
+        return list(node["rewards"])
+    out = []
+    for r, child in zip(node["rewards"], node["children"], strict=True):
+        child_returns = comlrl_returns(child, gamma, threshold)
+        out.append(r + gamma * sum(child_returns) / len(child_returns))
+    return out
+
+
+def comlrl_advantages(returns):
+    mean = sum(returns) / len(returns)
+    return [r - mean for r in returns]
+
+
+def aligned_tree(root_rewards, child_rewards):
+    """Traces of an aligned two-turn tree: root node g0 of G joint actions, child node gc{j} under each."""
+    calls, rewards = [], []
+    for j, r in enumerate(root_rewards):
+        calls += [
+            call(f"d{j}", "drafter", group="g0", index=j),
+            call(f"s{j}", "solver", group=f"x{j}", parent=f"d{j}"),
+        ]
+        rewards.append(correct(f"s{j}", r))
+        for k, rk in enumerate(child_rewards[j]):
+            calls += [
+                call(f"e{j}{k}", "drafter", group=f"gc{j}", index=k, parent=f"s{j}", round=1),
+                call(f"t{j}{k}", "solver", group=f"y{j}{k}", parent=f"e{j}{k}", round=1),
+            ]
+            rewards.append(correct(f"t{j}{k}", rk))
+    tree = {
+        "rewards": list(root_rewards),
+        "children": [{"rewards": list(c), "children": []} for c in child_rewards],
+    }
+    return calls, rewards, tree
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 0.2])
+def test_issue_example_root_rewards_0_1_0_match_comlrl(threshold):
+    """Issue 16: root rewards [0, 1, 0]; CoMLRL branches every joint action unless the node's mean > threshold."""
+    calls, rewards, tree = aligned_tree([0.0, 1.0, 0.0], [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    actions, batches, _, _ = batches_of(calls, rewards, gamma=0.9, threshold=threshold)
+    expected = comlrl_advantages(comlrl_returns(tree, 0.9, threshold))
+    for role in AGENTS:
+        b = batches[role]
+        root = [b.call_ids.index(f"{role[0]}{j}") for j in range(3)]
+        assert b.advantages[root].tolist() == pytest.approx(expected, abs=1e-6)
+    if threshold == 0.2:  # 1/3 > 0.2: the root node stops, returns are the rewards
+        assert expected == pytest.approx([-1 / 3, 2 / 3, -1 / 3])
+    else:  # the issue's numbers: returns (0.3, 1.9, 0) -> advantages (-.43, 1.17, -.73)
+        assert expected == pytest.approx([-0.4333333, 1.1666667, -0.7333333])
+
+
+def test_random_aligned_and_cross_trees_match_comlrl():
+    """Aligned (G = 3, two turns) and cross (2 drafts x 2 answers, one turn) against the transcription."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        root = [float(rng.random() < 0.5) for _ in range(3)]
+        kids = [[float(rng.random() < 0.5) for _ in range(3)] for _ in range(3)]
+        threshold = rng.choice([None, 0.3, 0.6])
+        calls, rewards, tree = aligned_tree(root, kids)
+        actions, batches, _, _ = batches_of(calls, rewards, gamma=0.9, threshold=threshold)
+        returns = comlrl_returns(tree, 0.9, threshold)
+        assert [a.value for a in actions if a.turn == 0] == pytest.approx(returns)
+        if len(set(returns)) > 1:
+            b = batches["solver"]
+            root_rows = [b.call_ids.index(f"s{j}") for j in range(3)]
+            assert b.advantages[root_rows].tolist() == pytest.approx(comlrl_advantages(returns), abs=1e-6)
+
+    # Cross: CoMLRL trains draft i with the *sum* of the joint returns it is part of (post_order_update),
+    # ours with their mean, so the drafter's advantages are CoMLRL's divided by G = 2.
+    values = {"s00": 1.0, "s01": 0.0, "s10": 1.0, "s11": 1.0}
+    calls = [call("d0", "drafter", group="gd", index=0), call("d1", "drafter", group="gd", index=1)]
+    calls += [call(k, "solver", group=f"gs{k[1]}", index=int(k[2]), parent=f"d{k[1]}") for k in values]
+    _, batches, _, _ = batches_of(calls, [correct(k, v) for k, v in values.items()])
+    sums = [values["s00"] + values["s01"], values["s10"] + values["s11"]]
+    torch.testing.assert_close(
+        batches["drafter"].advantages * 2, torch.tensor(comlrl_advantages(sums)), rtol=0, atol=1e-6
+    )
+    joint = list(values.values())
+    torch.testing.assert_close(batches["solver"].advantages, torch.tensor(comlrl_advantages(joint)))
 
 
 def test_answers_without_a_reward_are_counted_and_a_degenerate_agent_is_reported():
@@ -158,7 +255,7 @@ def test_answers_without_a_reward_are_counted_and_a_degenerate_agent_is_reported
         call("s1", "solver", group="b", parent="d1"),
     ]
     actions, batches, missing, skipped = batches_of(calls, [correct("s0", 1.0)])
-    assert skipped == {"no_reward": 1} and len(actions) == 1
+    assert skipped == {"no_reward": 1, "after_termination": 0} and len(actions) == 1
     assert batches == {} and set(missing) == set(AGENTS) and "single usable sample" in missing["solver"]
 
 
@@ -285,8 +382,13 @@ def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_a_few_tiny_steps_change_every_adapter_and_are_reproducible(tmp_path, monkeypatch):
     import mlpo_agents.runner
+    from mlpo_agents.rewards import RewardResult
 
-    monkeypatch.setattr(mlpo_agents.runner, "score", parity_reward)
+    def parity(task, text, truncated=False):
+        value = parity_reward(task, text)
+        return RewardResult(value, text[-20:], "correct" if value else "wrong")
+
+    monkeypatch.setattr(mlpo_agents.runner, "score_detail", parity)
     first = train_tiny(tmp_path / "a")
     second = train_tiny(tmp_path / "b")
 

@@ -197,8 +197,13 @@ def test_tree_from_a_scripted_gvr_run_has_8_leaves_with_the_right_parents(tmp_pa
 def mixed_rewards(monkeypatch):
     """The random tiny model never solves arithmetic: grade by text length parity to get both labels."""
     import mlpo_agents.runner as runner
+    from mlpo_agents.rewards import RewardResult
 
-    monkeypatch.setattr(runner, "score", lambda task, text: float(len(text) % 2))
+    def parity(task, text, truncated=False):
+        value = float(len(text) % 2)
+        return RewardResult(value, text[-20:], "correct" if value else "wrong")
+
+    monkeypatch.setattr(runner, "score_detail", parity)
 
 
 def tiny_config(tmp_path: Path, **overrides) -> MALTConfig:

@@ -56,3 +56,29 @@ def test_a_role_the_team_does_not_map_stops_the_run(tmp_path):
                          params={"peers": 2})
     with pytest.raises(ConfigError, match=r"no role 'peer-\d'"):
         asyncio.run(run_team(team, [TASK], TraceStore(tmp_path / "t.sqlite"), progress=False))
+
+
+def test_an_episode_whose_leader_failed_is_failed_not_degraded(tmp_path):
+    def down(messages):
+        raise RuntimeError("leader server is down")
+
+    team = scripted_team({"leader": ScriptedModel("down-leader", down),
+                          "peer": ScriptedModel("up-peer", "<answer>4</answer>")}, params={"peers": 2})
+    store = TraceStore(tmp_path / "t.sqlite")
+    summary = asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False))
+
+    assert (summary.failed, summary.degraded, summary.episodes) == (1, 0, 0)
+    (episode,) = store.episodes()
+    assert episode.status == "failed" and episode.final_answer is None
+    reasons = {f.error_type: f.message for f in store.failures()}
+    assert "NoTeamAnswer" in reasons and "leader (round 0)" in reasons["NoTeamAnswer"]
+    assert any("leader server is down" in f.message for f in store.failures() if f.role == "leader")
+    assert not [r for r in store.rewards() if r.call_id is None]  # nothing scored, no silent 0.0
+
+
+def test_an_answer_that_does_not_parse_is_a_scored_zero_not_a_failure(tmp_path):
+    team = scripted_team({"leader": ScriptedModel("mute-leader", "I am not sure.")}, params={"peers": 0})
+    store = TraceStore(tmp_path / "t.sqlite")
+    summary = asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False))
+    assert (summary.failed, summary.episodes, summary.correct) == (0, 1, 0.0)
+    assert store.episodes()[0].status == "done"

@@ -154,3 +154,46 @@ def test_registry_names():
         "humaneval",
         "mbpp",
     }
+
+
+def test_arithmetic_id_identifies_the_question_across_overrides():
+    plain = load_task("arithmetic", subset="easy", limit=50, seed=0)
+    narrow = load_task("arithmetic", subset="easy", limit=30, seed=0, max_value=20, ops="+")
+    by_id = {t.id: t.question for t in plain}
+    for t in narrow:  # same subset, seed and positions: an id may only repeat with the same question
+        assert by_id.get(t.id, t.question) == t.question
+    again = load_task("arithmetic", subset="easy", limit=50, seed=7)
+    shared = {t.id for t in again} & set(by_id)
+    assert all(by_id[i] == next(t.question for t in again if t.id == i) for i in shared)
+
+
+def test_small_model_levels_match_their_definitions():
+    one = load_task("arithmetic", split="train", subset="one_digit", limit=40)
+    assert all(e.count("+") == 1 and all(0 <= int(x) <= 9 for x in e.split(" + ")) for e in
+               (t.meta["expression"] for t in one))
+    two = load_task("arithmetic", subset="two_digit", limit=20)
+    assert all(max(map(int, t.meta["expression"].split(" + "))) <= 20 for t in two)
+    three = load_task("arithmetic", subset="three_step", limit=20)
+    assert all(len(t.meta["expression"].split()) == 5 for t in three)
+    assert len(load_task("arithmetic", subset="one_digit")) == 5  # default size: all that exist
+
+
+def test_too_small_split_says_how_many_exist_and_suggests_a_level():
+    with pytest.raises(TaskError, match=r"only 5 distinct.*--limit 5.*--split train.*--subset two_digit"):
+        load_task("arithmetic", subset="one_digit", limit=10)
+    with pytest.raises(TaskError, match="limit must be >= 0"):
+        load_task("arithmetic", limit=-1)
+
+
+def test_task_options_are_checked_by_name_and_type():
+    with pytest.raises(TaskError, match=r"no option 'max_value'; valid options: none"):
+        load_task("gsm8k", data_dir=DATA, max_value=3)
+    with pytest.raises(TaskError, match=r"max_value='x'.*integer"):
+        load_task("arithmetic", max_value="x")
+
+
+def test_lone_surrogate_in_a_row_is_rejected_naming_task_and_field(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "x\\udc00y", "answer": "#### 2"}\n')
+    with pytest.raises(TaskError, match=r"gsm8k/test/0: field 'question'.*surrogate"):
+        load_task("gsm8k", data_dir=tmp_path)

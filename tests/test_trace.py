@@ -105,7 +105,7 @@ def test_export_jsonl_and_parquet(open_fresh, tmp_path):
 def test_not_a_database_gives_a_clear_error(tmp_path):
     bad = tmp_path / "bad.sqlite"
     bad.write_text("this is not sqlite" * 100)
-    with pytest.raises(ValueError, match="not a usable trace store"):
+    with pytest.raises(ValueError, match="is not a trace store .*not an SQLite file"):
         TraceStore(bad)
 
 
@@ -113,3 +113,31 @@ def test_postgres_that_is_down_gives_a_clear_error():
     pytest.importorskip("psycopg")
     with pytest.raises(ValueError, match="cannot connect to the trace store.*is the server up"):
         open_store("postgresql://postgres@127.0.0.1:9/none?connect_timeout=2")
+
+
+def test_resume_marks_running_episodes_interrupted(open_fresh):
+    store = open_fresh()
+    store.append([Episode("e1", "unit", "r1", "team", "lp"), Episode("e2", "unit", "r2", "team", "lp"),
+                  Episode("e3", "unit", "r3", "other-team", "lp")])
+    assert store.mark_interrupted("unit", "team", keep=["e2"]) == 1
+    assert [e.status for e in store.episodes()] == ["interrupted", "running", "running"]
+    assert store.unfinished_episodes("unit", "team") == {"r1": "e1", "r2": "e2"}  # a checkpoint can still continue
+    assert store.finished_task_ids("unit", "team") == set()
+    store.checkpoint()
+
+
+def test_postgres_tables_missing_columns_are_refused(pg_admin_url):
+    import psycopg
+
+    from mlpo_agents.trace import TraceStoreError
+
+    name = f"traces_{next(_db_numbers)}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    url = pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE TABLE episodes (episode_id TEXT PRIMARY KEY, status TEXT)")
+    with pytest.raises(TraceStoreError, match=f"{name} is not a trace store of this version: table episodes lacks"):
+        open_store(url)
+    with psycopg.connect(url) as db:  # refused before anything was created
+        assert [r[0] for r in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")] == ["episodes"]

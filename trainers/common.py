@@ -60,7 +60,12 @@ class PolicyGradientConfig(RunConfig):
     weight_decay: float = 0.0
     """AdamW weight decay."""
     std_scale: bool = False
-    """Divide advantages by the group std (original GRPO); False = Dr. GRPO / MAGRPO."""
+    """Divide advantages by (group std + `losses.STD_EPS`, TRL's 1e-4) (original GRPO); False = Dr. GRPO / MAGRPO."""
+    tempered_policy: bool = True
+    """Optimise the policy that was sampled, softmax(logits / T) at each call's recorded temperature (TRL
+    GRPOTrainer); the ratio's old logprobs are then tempered ones of the sampling weights (see
+    `trainers.update`). False: differentiate the raw T = 1 policy against the engine's recorded raw logprobs
+    (the gradient of another distribution than the sampled one whenever T != 1)."""
     format_weight: float = 0.0
     """Weight of the format reward added to correctness (0 by default, as in the papers)."""
     micro_batch_size: int = 4

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -335,8 +336,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     """`mlpo train`: build the config, run the trainer, print where the results are."""
     config = config_from_args(args)
     result = _trainer_module(args.algo).train(config)
-    print(json.dumps(getattr(result, "summary", lambda: {"result": str(result)})(), indent=2, default=str))
+    summary: dict[str, Any] = getattr(result, "summary", lambda: {"result": str(result)})()
+    history = getattr(result, "history", None) if args.algo == "mlpo" else None  # MLPO logs update_skipped
+    if history is not None:
+        summary["updates"] = updates_made(history)
+    print(json.dumps(summary, indent=2, default=str))
+    if summary.get("updates") == 0:
+        print(
+            f"no update was made: every group had equal rewards in each of the {summary.get('steps')} step(s) "
+            "(no learning signal), so the adapter is the untrained initial one; record more varied groups "
+            "(a larger group size, a higher temperature, easier questions) and train again",
+            file=sys.stderr,
+        )
+    elif history is not None and summary.get("updates", 0) < summary.get("steps", 0):
+        print(f"{summary['updates']} of {summary['steps']} steps made an update; the others had equal rewards "
+              "in every group (no learning signal)", file=sys.stderr)
     return 0
+
+
+def updates_made(history: list[dict[str, Any]]) -> int:
+    """Optimizer updates a run actually made: logged training steps without `update_skipped`."""
+    return sum(1 for row in history if row.get("step", 0) >= 1 and "loss" in row and not row.get("update_skipped"))
 
 
 def add_subcommand(subparsers: Any) -> None:

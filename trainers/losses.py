@@ -16,6 +16,10 @@ References:
 - Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783 (no std scaling,
   no length normalisation: divide by a constant generation budget).
 - MAGRPO: Liu et al. 2025, arXiv 2508.04652.
+- TRL 1.16 `GRPOTrainer` (trl/trainer/grpo_trainer.py): the std epsilon `STD_EPS`, the tempered policy
+  (`token_logprobs(..., temperature=)`, TRL divides the logits by the sampling temperature) and the
+  ratio-weighted KL (`kl_estimator="k3_ratio"`, TRL's `use_bias_correction_kl`) follow it; the reference
+  tests in tests/test_fidelity_grpo.py call TRL's `_compute_loss` on the same tensors.
 """
 
 from __future__ import annotations
@@ -25,13 +29,18 @@ from typing import Literal
 import torch
 
 Aggregation = Literal["token", "sequence", "dr_grpo"]
+KLEstimator = Literal["k3", "k3_ratio"]
+
+STD_EPS = 1e-4
+"""Added to the group std before dividing (std-scaled advantages): TRL 1.16 GRPOTrainer's `std_rewards + 1e-4`.
+A smaller epsilon blows up groups whose rewards differ by little (std ~1e-3)."""
 
 
 def group_advantages(
     rewards: torch.Tensor,  # (B,)
     group_index: torch.Tensor,  # (B,) int64 in [0, G)
     std_scale: bool = False,
-    eps: float = 1e-6,
+    eps: float = STD_EPS,
 ) -> torch.Tensor:  # (B,)
     """Group-relative advantage A_i = r_i - mean_{j in g(i)} r_j, or (r_i - mean) / (std + eps) when `std_scale`.
 
@@ -63,12 +72,14 @@ def group_advantages(
 def token_logprobs(
     logits: torch.Tensor,  # (B, L, V)
     input_ids: torch.Tensor,  # (B, L)
+    temperature: torch.Tensor | float | None = None,  # (B,) or scalar; None = 1
 ) -> torch.Tensor:  # (B, L) float32
     """log p(input_ids[t] | input_ids[:t]) at position t (position 0 = 0), from causal-LM logits.
 
-    logp[b, t] = logits[b, t-1, x_t] - logsumexp_v logits[b, t-1, v]. Computed one sequence at a time
-    in float32 with gather + logsumexp, so the peak extra memory is one (L, V) row rather than a full
-    (B, L, V) log-softmax copy.
+    logp[b, t] = z[b, t-1, x_t] - logsumexp_v z[b, t-1, v] with z = logits / temperature[b]: with a
+    temperature this is the log-prob under the *tempered* policy softmax(logits / T) that the engine
+    samples from (top-p is not included, as in TRL). Computed one sequence at a time in float32 with
+    gather + logsumexp, so the peak extra memory is one (L, V) row rather than a (B, L, V) copy.
     """
     if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
         raise ValueError(
@@ -78,10 +89,17 @@ def token_logprobs(
     out = logits.new_zeros((batch, length), dtype=torch.float32)  # (B, L)
     if length < 2:
         return out
+    temps = None
+    if temperature is not None:
+        temps = torch.as_tensor(temperature, dtype=torch.float32).expand(batch)  # (B,)
+        if not bool((temps > 0).all()):
+            raise ValueError(f"temperature must be > 0 (greedy rows count as 1), got {temps.tolist()}")
     targets = input_ids[:, 1:].unsqueeze(-1)  # (B, L-1, 1)
     rows = []
     for b in range(batch):
         row_logits = logits[b, :-1].float()  # (L-1, V)
+        if temps is not None and float(temps[b]) != 1.0:
+            row_logits = row_logits / temps[b].to(row_logits.device)
         picked = row_logits.gather(-1, targets[b]).squeeze(-1)  # (L-1,)
         rows.append(picked - torch.logsumexp(row_logits, dim=-1))  # (L-1,)
     return torch.cat([out[:, :1], torch.stack(rows)], dim=1)
@@ -101,14 +119,18 @@ def grpo_loss(
     clip_eps_high: float | None = None,
     ref_logp: torch.Tensor | None = None,  # (B, L) reference policy
     kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
     aggregation: Aggregation = "token",
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped GRPO surrogate with per-token ratios, optional k3 KL to a reference, three aggregations.
+    """Clipped GRPO surrogate with per-token ratios, optional KL to a reference, three aggregations.
 
     Per token (Shao et al. eq. 3, PPO eq. 7), with r_t = exp(logp_t - old_logp_t):
-        l_t = max(-A * r_t, -A * clip(r_t, 1 - clip_eps, 1 + clip_eps_high)) + kl_coef * k3_t
+        l_t = max(-A * r_t, -A * clip(r_t, 1 - clip_eps, 1 + clip_eps_high)) + kl_coef * kl_t
         k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1            (Schulman's k3, DeepSeekMath eq. 4)
+        kl_t = k3_t ("k3", GRPO as published) or r_t * k3_t ("k3_ratio": the importance-weighted k3 whose
+               gradient is the unbiased reverse-KL gradient, DeepSeek-V3.2; TRL 1.16's default
+               `use_bias_correction_kl=True`; r_t is differentiable, so it changes the gradient even at r = 1)
     Aggregation over the masked tokens (M = mask, |o_b| = sum_t M[b, t]):
         "token"    sum_{b,t} M l / sum_{b,t} M                           (DAPO: every token weighs the same)
         "sequence" 1/B sum_b (1/|o_b| sum_t M l)                         (GRPO as published)
@@ -124,6 +146,8 @@ def grpo_loss(
         raise ValueError(
             "aggregation='dr_grpo' needs max_tokens (the generation budget, e.g. max_new_tokens)"
         )
+    if kl_estimator not in ("k3", "k3_ratio"):
+        raise ValueError(f"kl_estimator must be 'k3' or 'k3_ratio', not {kl_estimator!r}")
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("kl_coef > 0 needs ref_logp (log-probs of the reference model on the same tokens)")
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -143,7 +167,8 @@ def grpo_loss(
         ref_diff = torch.where(on, ref_logp - logp, 0.0)  # (B, L)
         ref_kl = torch.exp(ref_diff) - ref_diff - 1.0  # (B, L) k3, >= 0
         if kl_coef > 0:
-            per_token = per_token + kl_coef * ref_kl
+            kl_term = ref_kl * ratio if kl_estimator == "k3_ratio" else ref_kl  # (B, L)
+            per_token = per_token + kl_coef * kl_term
 
     masked = torch.where(on, per_token, 0.0)  # (B, L)
     if aggregation == "token":

@@ -15,34 +15,52 @@ id. Each step: rollouts through `run_team` on the local engine serving the curre
 → joint actions → one batch per agent → `trainers.update.policy_update(loss="magrpo")` per agent →
 save + hot-load every adapter (`engine.load_adapter`, `client.use_version`) → repeat.
 
-Deviations from the paper, and why:
-- The agents act in sequence (the solver reads the draft), not simultaneously on the same prompt.
-  Aligned joint action g = (draft g, the answer to draft g): the solver's G calls have G different
-  prompts. `joint_mode="cross"` samples G answers per draft (G x G joint actions per node); the
-  drafter's row for draft i then carries the mean return of its G joint actions, which gives the same
-  gradient as summing A over the joint actions it is part of (up to the 1/G normalisation).
-- LoRA adapters (one per agent) instead of full fine-tuning; agents on the same base share one
-  serving engine (one adapter each) but each trainer copy holds its own base weights.
-- Multi-turn returns: a joint action's return is its reward plus gamma times the *mean* return of
-  its children (the G joint actions that branched from it), with no bootstrap once the correctness
-  reached `threshold` (early termination; the graph does not branch from it either). Computed per
-  node with `losses.discounted_returns` (the children's mean as the next-turn reward). Turn t>0
-  prompts tell the drafter whether the answer was accepted: that feedback comes from the task's
-  grader (as test feedback does in the paper's code tasks), so multi-turn team accuracy is not a
-  fair single-attempt accuracy; evaluation here always uses one turn.
-- Advantages are computed per agent over that agent's usable rows of the group (`traces_to_batch`);
-  when a call fails or a row is too long, its joint action drops out of every agent's batch, but
-  rows with unequal numbers of usable children (cross mode) are not re-weighted.
-- On-policy only: no importance ratio (as in the paper), hence no offline mode from old traces.
-- No std normalisation of advantages by default (`std_scale=True` turns it on).
-- Sampling is seeded per agent and step (reproducible runs): all of an agent's calls in one step share
-  the engine's per-request seed, so two identical prompts would get identical samples; the aligned
-  solver prompts differ because they hold different drafts.
+Fidelity (paper: Liu et al. 2025, §4 and Alg. 1; reference code: OpenMLRL/CoMLRL,
+comlrl/trainers/reinforce/magrpo.py, `MAGRPOTrainer`; pinned by tests/test_magrpo.py):
+- Advantage: A_g = R_g - mean_g R, no std (CoMLRL `advantage_mode="mean"`). Ours: the same by default;
+  `std_scale=True` divides by the group std (+ `losses.STD_EPS`).
+- Loss: -(1/G) sum_g A_g sum_t log pi_i, no ratio, no clipping, no length normalisation; the mean over a
+  batch of nodes. Ours: the same (`losses.magrpo_loss`), over every node of a step.
+- Returns (multi-turn): R_j = r_j + gamma * mean(returns of the node that branched from joint action j),
+  gamma 0.9. Ours: the same (`joint_returns`).
+- Early termination: CoMLRL stops a whole *node* (the G joint actions of one context) from branching
+  when the node's mean reward exceeds `termination_threshold` (strict >); otherwise every joint action
+  of the node branches. Ours: the same rule (`threshold`, None = never, as CoMLRL with None). The graph
+  is asked to branch every joint action and `joint_actions` drops the subtrees of terminated nodes, so
+  rollouts of `turns` > 1 sample those subtrees for nothing (a graph-side node rule would save them).
+- Sampling: CoMLRL temperature 0.6, top-p 0.6, top-k 50. Ours (built-in team): temperature 0.6, top-p
+  0.6; no top-k (the local engine has none).
+- Gradient clipping: CoMLRL none. Ours: none (`max_grad_norm=0`; 1.0 was the earlier default).
+- Deviations, each a choice:
+  - `tempered_policy=True` (default): the loss differentiates the sampled policy softmax(logits / T);
+    CoMLRL differentiates log_softmax(logits) at T = 1 while sampling at 0.6. `tempered_policy=False`
+    reproduces CoMLRL.
+  - Optimizer steps: CoMLRL buffers nodes per agent and steps once per `train_batch_size` (2) nodes of
+    one turn; ours makes one step per agent per training step over every node of all turns of
+    `questions_per_step` questions (with turns=1, `questions_per_step=2` is CoMLRL's granularity).
+  - The agents act in sequence (the solver reads the draft), not simultaneously on the same prompt.
+    Aligned joint action g = (draft g, the answer to draft g): the solver's G calls have G different
+    prompts. `joint_mode="cross"` samples G answers per draft (G x G joint actions per node); the
+    drafter's row for draft i then carries the *mean* return of its G joint actions (CoMLRL: the sum),
+    which scales the drafter's advantage by 1/G (a learning-rate factor).
+  - LoRA adapters (one per agent; CPU budget) instead of CoMLRL's full fine-tuning; agents on the same
+    base share one serving engine (one adapter each) but each trainer copy holds its own base weights.
+  - Turn t>0 prompts tell the drafter whether the answer was accepted: that feedback comes from the
+    task's grader (as test feedback does in the paper's code tasks), so multi-turn team accuracy is not
+    a fair single-attempt accuracy; evaluation here always uses one turn.
+  - Advantages are computed per agent over that agent's usable rows of the group (`traces_to_batch`);
+    when a call fails or a row is too long, its joint action drops out of every agent's batch, but
+    rows with unequal numbers of usable children (cross mode) are not re-weighted.
+  - On-policy only: no importance ratio (as in the paper), hence no offline mode from old traces.
+  - Sampling is seeded per agent and step (reproducible runs): all of an agent's calls in one step
+    share the engine's per-request seed, so two identical prompts would get identical samples; the
+    aligned solver prompts differ because they hold different drafts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -87,13 +105,18 @@ class MAGRPOConfig(PolicyGradientConfig):
     joint_mode: str = "aligned"
     """`aligned` (answer i reads draft i: G joint actions) or `cross` (G answers per draft: G x G)."""
     turns: int = 1
-    """Turns per episode; a joint action below `threshold` branches into G joint actions next turn."""
+    """Turns per episode; each joint action of a node that did not terminate branches into a node of G next turn."""
     gamma: float = 0.9
     """Discount of later turns' returns."""
-    threshold: float = 1.0
-    """Early termination: a joint action whose correctness reaches this ends its branch."""
-    temperature: float = 1.0
-    """Built-in team: sampling temperature of every agent."""
+    threshold: float | None = None
+    """Early termination (CoMLRL `termination_threshold`): a node whose mean joint reward exceeds this (strict >)
+    does not branch into the next turn; None = every node branches until `turns`."""
+    temperature: float = 0.6
+    """Built-in team: sampling temperature of every agent (CoMLRL 0.6)."""
+    top_p: float = 0.6
+    """Built-in team: nucleus sampling top-p of every agent (CoMLRL 0.6)."""
+    max_grad_norm: float = 0.0
+    """Gradient clipping norm per agent; 0 = none (CoMLRL clips nothing)."""
     max_tokens: int = 128
     """Built-in team: completion budget of every agent."""
     resume: bool = False
@@ -114,6 +137,8 @@ class MAGRPOConfig(PolicyGradientConfig):
             problems.append(f"answer_role={self.answer_role!r} must be one of agents={list(self.agents)}")
         if self.lr <= 0 or self.format_weight < 0 or self.max_tokens < 1 or self.temperature < 0:
             problems.append("lr and max_tokens must be > 0; format_weight and temperature >= 0")
+        if not 0 < self.top_p <= 1 or self.max_grad_norm < 0:
+            problems.append(f"top_p={self.top_p} must be in (0, 1] and max_grad_norm >= 0")
         if self.micro_batch_size < 1 or self.concurrency < 1:
             problems.append("micro_batch_size and concurrency must be >= 1")
         if self.offline:
@@ -170,7 +195,7 @@ class JointAction:
     reward: float
     """Joint reward: weighted call-level rewards of the last call."""
     done: bool
-    """Correctness reached the threshold: the branch ends here."""
+    """Its node terminated (mean reward above the threshold): no next turn branches from it."""
     value: float = 0.0
     """Discounted return (filled by `joint_returns`)."""
 
@@ -192,12 +217,15 @@ def joint_actions(
     agents: Sequence[str],
     answer_role: str,
     reward_weights: Mapping[str, float],
-    threshold: float = 1.0,
+    threshold: float | None = None,
     episode_order: Mapping[str, int] | None = None,
 ) -> tuple[list[JointAction], dict[str, int]]:
     """Joint actions of recorded episodes: each `answer_role` call and the same-turn agent calls it builds on.
 
-    Returns the joint actions and counts of answers left out (`no_reward`: a named reward is missing).
+    Early termination as CoMLRL: a node (the joint actions sharing a group) whose mean reward exceeds
+    `threshold` is `done`, and the joint actions that branched from it (and their subtrees) are left out.
+    Returns the joint actions and counts of answers left out (`no_reward`: a named reward is missing;
+    `after_termination`: below a terminated node).
     The chain is followed through `parent_call_id` while the parent is an agent call of the same
     round. The order is deterministic whatever order concurrent episodes were recorded in: by
     `episode_order` rank (default: first appearance), then by the sample indices along the path
@@ -206,7 +234,7 @@ def joint_actions(
     by_id = {c.call_id: c for c in calls}
     table = {(r.call_id, r.name): float(r.value) for r in rewards if r.call_id is not None}
     out: list[JointAction] = []
-    skipped = {"no_reward": 0}
+    skipped = {"no_reward": 0, "after_termination": 0}
     for head in (c for c in calls if c.role == answer_role):
         if any((head.call_id, name) not in table for name in reward_weights):
             skipped["no_reward"] += 1
@@ -217,16 +245,12 @@ def joint_actions(
             chain.insert(0, parent)
             parent = by_id.get(parent.parent_call_id or "")
         reward = sum(w * table[(head.call_id, name)] for name, w in reward_weights.items())
-        correct = table.get((head.call_id, "correct"), reward)
         out.append(
             JointAction(
-                chain,
-                chain[0].group_id,
-                parent.call_id if parent is not None else None,
-                reward,
-                correct >= threshold,
+                chain, chain[0].group_id, parent.call_id if parent is not None else None, reward, False
             )
         )
+    out = _terminate_nodes(out, threshold, skipped)
     rank = dict(episode_order) if episode_order is not None else {}
     for c in calls:
         rank.setdefault(c.episode_id, len(rank))
@@ -240,6 +264,31 @@ def joint_actions(
 
     out.sort(key=lambda a: (rank[a.calls[-1].episode_id], path(a.calls[-1])))
     return out, skipped
+
+
+def _terminate_nodes(
+    actions: list[JointAction], threshold: float | None, skipped: dict[str, int]
+) -> list[JointAction]:
+    """Mark the joint actions of nodes whose mean reward exceeds `threshold` done; drop what branched from them."""
+    if threshold is None:
+        return actions
+    nodes: dict[str, list[JointAction]] = {}
+    for a in actions:
+        nodes.setdefault(a.group, []).append(a)
+    for members in nodes.values():
+        if sum(a.reward for a in members) / len(members) > threshold:
+            for a in members:
+                a.done = True
+    ended = {a.key for a in actions if a.done}
+    kept: list[JointAction] = []
+    for a in sorted(actions, key=lambda a: a.turn):  # parents before children
+        if a.parent is not None and a.parent in ended:
+            ended.add(a.key)  # its subtree goes too
+            skipped["after_termination"] += 1
+        else:
+            kept.append(a)
+    keep = {a.key for a in kept}
+    return [a for a in actions if a.key in keep]
 
 
 def joint_returns(actions: Sequence[JointAction], gamma: float = 0.9) -> torch.Tensor:  # (J,)
@@ -338,7 +387,7 @@ def cooperate_team(config: MAGRPOConfig) -> Any:
 
     specs = {role: config.agent_models.get(role, config.model) for role in config.agents}
     names = {spec: f"m{i}" for i, spec in enumerate(dict.fromkeys(specs.values()))}
-    sampling = {"temperature": config.temperature, "max_tokens": config.max_tokens}
+    sampling = {"temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_tokens}
     return parse_team(
         {
             "name": "cooperate",
@@ -365,7 +414,8 @@ def graph_params(config: MAGRPOConfig, team: Any) -> dict[str, Any]:
         "samples": config.group_size,
         "solver_samples": solver_samples,
         "turns": config.turns,
-        "threshold": config.threshold,
+        # Every joint action branches; `joint_actions` applies the node-level termination (CoMLRL's rule).
+        "threshold": math.inf,
     }
 
 
@@ -565,6 +615,7 @@ def train(config: MAGRPOConfig) -> TrainResult:
             **step_metrics(actions, summary),
             "rollout_s": rollout_s,
             "skipped_no_reward": skipped["no_reward"],
+            "skipped_after_termination": skipped["after_termination"],
         }
         for role, agent in agents.items():
             if role in batches:
@@ -576,6 +627,7 @@ def train(config: MAGRPOConfig) -> TrainResult:
                     loss="magrpo",
                     micro_batch_size=config.micro_batch_size,
                     max_grad_norm=config.max_grad_norm,
+                    tempered_policy=config.tempered_policy,
                 )
                 metrics.update({f"{role}/{k}": v for k, v in update.items()})
                 metrics.update(

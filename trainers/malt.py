@@ -6,26 +6,37 @@ answers, n critiques of each answer, n refinements of each critique (n=3 → 27 
 refinement is graded against the ground truth (the runner's `correct` reward, `score_roles=("refiner",)`).
 Credit flows up by value iteration: a refinement's value is its reward, a critique's the mean of its
 refinements', an answer's the mean of its critiques'; an output is positive when its value > 0.5.
-Each role then gets SFT on its positives and DPO on (positive, negative) pairs sharing a parent (for
-the generator: the same question), each role in its own LoRA adapter on the shared base model. The
+Each role then gets SFT on its positives; the verifier and refiner then DPO on (positive, negative)
+pairs sharing a parent, while the generator is trained with SFT only (paper Alg. 1 line 22, §4.3); each
+role in its own LoRA adapter on the shared base model. The
 trained team is served by routing each role to its adapter and evaluated with M chains and a
 majority vote. Read top to bottom: `MALTConfig` → credit assignment (pure) → datasets (pure) →
 `sft` / `dpo` → `evaluate` → `train`.
 
-Deviations from the paper, and why:
-- LoRA adapters (one per role on a shared base, or one shared adapter) instead of full fine-tuning of
-  three model copies (CPU budget); each adapter is saved in peft format and hot-loaded into the engine.
-- Token-exact training: SFT rows and DPO pairs use the recorded prompt / completion token ids (DPO through
-  `TokenDPOTrainer`, which skips TRL's re-tokenization); the paper's pipeline works on text.
-- Our prompts (`graphs/gvr.py`), not the paper's; answers are graded with `rewards.score`.
-- `propagate="binarized"` (a parent's value is the mean of its children's 0/1 labels) is offered as an
-  option because the paper's description can be read either way; the default is the plain mean.
-- DPO uses every (positive, negative) sibling pair (`max_pairs_per_parent` caps it) and the post-SFT
-  adapter as the reference; SFT and DPO run once each per role, no iterated rounds.
-- Outputs whose subtree holds no graded leaf (a failed call) get no value and no label (counted as
-  `unvalued`), instead of counting as wrong.
-- Resume granularity: tree expansion resumes per question (finished episodes in the trace store);
-  SFT / DPO resume per (role, phase), and inside a phase from TRL checkpoints when `save_every` > 0.
+Fidelity (paper: Motwani et al. 2024, Algorithm 1, §4.3 and the appendix; pinned by
+tests/test_fidelity_malt.py and tests/test_malt.py):
+- Tree: n = 3 samples per role (27 leaves per question), generated at temperature 0.3. Ours: the same
+  (`branching=3`, `tree_temperature=0.3`).
+- Values and labels: a leaf's value is its 0/1 correctness, a critique's the mean of its refinements',
+  an answer's the mean of its critiques'; positive when value > 0.5. Ours: the same (`propagate="mean"`,
+  `threshold=0.5`).
+- Training: the generator with SFT on its positives only (Alg. 1 line 22; the appendix reports SFT + DPO
+  lowering MATH 52.25 -> 51.25); the verifier and refiner with SFT then DPO on sibling (positive,
+  negative) pairs, DPO beta 0.2; LoRA adapters. Ours: the same (`dpo_roles=("verifier", "refiner")`,
+  `dpo_beta=0.2`, one LoRA adapter per role); `dpo_roles` including "generator" adds DPO for it.
+- Inference: several G -> V -> R chains and a majority vote (`eval_chains`).
+- Deviations, each a choice:
+  - Token-exact training: SFT rows and DPO pairs use the recorded prompt / completion token ids (DPO
+    through `TokenDPOTrainer`, which skips TRL's re-tokenization); the paper's pipeline works on text.
+  - Our prompts (`graphs/gvr.py`), not the paper's; answers are graded with `rewards.score`.
+  - `propagate="binarized"` (a parent's value is the mean of its children's 0/1 labels) is offered as
+    an option because the paper's description can be read either way; the default is the plain mean.
+  - DPO uses every (positive, negative) sibling pair (`max_pairs_per_parent` caps it) and the post-SFT
+    adapter as the reference; SFT and DPO run once each per role, no iterated rounds.
+  - Outputs whose subtree holds no graded leaf (a failed call) get no value and no label (counted as
+    `unvalued`), instead of counting as wrong.
+  - Resume granularity: tree expansion resumes per question (finished episodes in the trace store);
+    SFT / DPO resume per (role, phase), and inside a phase from TRL checkpoints when `save_every` > 0.
 """
 
 from __future__ import annotations
@@ -86,8 +97,12 @@ class MALTConfig(RunConfig):
     """Epochs of DPO on each role's pairs (0 skips DPO)."""
     dpo_lr: float = 5e-5
     """DPO learning rate."""
-    dpo_beta: float = 0.1
-    """DPO inverse temperature beta."""
+    dpo_beta: float = 0.2
+    """DPO inverse temperature beta (paper: 0.2)."""
+    dpo_roles: tuple[str, ...] = ("verifier", "refiner")
+    """Roles trained with DPO after SFT; the paper trains the generator with SFT only (Alg. 1 line 22, §4.3)."""
+    tree_temperature: float | None = 0.3
+    """Sampling temperature of every role while expanding the trees (paper: 0.3; None: the team's own)."""
     batch_size: int = 4
     """Rows (SFT) or pairs (DPO) per optimizer step."""
     max_len: int = 1024
@@ -107,7 +122,12 @@ class MALTConfig(RunConfig):
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
+        self.dpo_roles = tuple(self.dpo_roles)
         problems = []
+        if set(self.dpo_roles) - set(ROLES):
+            problems.append(f"dpo_roles={self.dpo_roles}: choose from {ROLES}")
+        if self.tree_temperature is not None and self.tree_temperature < 0:
+            problems.append(f"tree_temperature={self.tree_temperature}: must be >= 0 or None")
         if self.questions < 1 or self.branching < 1:
             problems.append("questions and branching must be >= 1")
         if not 0.0 <= self.threshold < 1.0:
@@ -485,7 +505,9 @@ def expand_trees(
     tree_team = seeded(
         team,
         config.seed,
-        f"{team.name}-malt-tree-n{n}",
+        f"{team.name}-malt-tree-n{n}"
+        + ("" if config.tree_temperature is None else f"-t{config.tree_temperature}"),
+        temperature=config.tree_temperature,
         chains=1,
         tree=True,
         generator_samples=n,
@@ -683,6 +705,7 @@ def train(config: MALTConfig) -> TrainResult:
         spec = role_spec(team, roles[0])
         base_id = zoo.base_model_id(spec)
         unit_data = merged(data, roles)
+        dpo_pairs = [p for p in unit_data.pairs if p.role in config.dpo_roles]  # the generator: SFT only
         adapters[unit] = out / "adapters" / unit
         if f"{unit}/dpo" in state["done"]:
             say(f"[malt] {unit}: finished earlier, skipped")
@@ -715,11 +738,11 @@ def train(config: MALTConfig) -> TrainResult:
             state["step"] += int(metrics.get(f"sft/{unit}/optimizer_steps", 0))
             logger.log(state["step"], metrics)
             finish(f"{unit}/sft", metrics)
-        say(f"[malt] {unit}: DPO on {len(unit_data.pairs)} pairs" + ("" if unit_data.pairs else " (skipped)"))
+        say(f"[malt] {unit}: DPO on {len(dpo_pairs)} pairs" + ("" if dpo_pairs else " (skipped)"))
         metrics = dpo(
             model,
             tokenizer,
-            unit_data.pairs,
+            dpo_pairs,
             config,
             out / "trl" / f"{unit}-dpo",
             logger,

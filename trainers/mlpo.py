@@ -10,9 +10,12 @@ into the engine that serves the leader, so the next step samples from it. Entry 
 
 Deviations from the paper, and why:
 - LoRA instead of full fine-tuning (CPU budget); the trained adapter is what the engine serves.
-- Importance ratios use the engine's *raw* (temperature 1) sampling logprobs as the old policy, as
-  vLLM returns them; with one update per batch (`update_epochs=1`) the ratio is 1 up to numerics and
-  clipping only acts from the second epoch on.
+- The optimised policy is the sampled one, softmax(logits / T) at the leader's sampling temperature
+  (`tempered_policy=True`, as TRL's GRPOTrainer). The engine records raw (T = 1) logprobs like vLLM, so
+  the ratio's old logprobs are the tempered ones of the weights at the start of the update (detached
+  current logprobs when `update_epochs=1`, where the ratio is exactly 1 and clipping only acts from the
+  second epoch on). Offline mode therefore treats recorded groups as on-policy for the ratio;
+  `tempered_policy=False` differentiates the raw T = 1 policy against the recorded raw logprobs instead.
 - The peer pool fills lazily: a question's peers are sampled the first time it is drawn (normal
   recorded calls) and reused afterwards, instead of one pre-generation pass over the whole train set.
 - The easy-question filter uses the first rollout's leader group (G samples) as the team's solve rate.
@@ -60,7 +63,10 @@ class MLPOConfig(PolicyGradientConfig):
     clip_eps: float = 0.2
     """PPO ratio clipping epsilon."""
     kl_coef: float = 0.0
-    """k3 KL penalty to the base model (adapter disabled); 0 = off, as in the paper."""
+    """KL penalty to the base model (adapter disabled); 0 = off, as in the paper."""
+    kl_estimator: str = "k3"
+    """KL term: k3 (GRPO, DeepSeekMath eq. 4) or k3_ratio (ratio-weighted k3: TRL 1.16's default
+    `use_bias_correction_kl=True`); matters only with kl_coef > 0."""
     aggregation: Aggregation = "dr_grpo"
     """Loss aggregation: dr_grpo (constant normaliser), token or sequence."""
     update_epochs: int = 1
@@ -90,6 +96,8 @@ class MLPOConfig(PolicyGradientConfig):
             problems.append(f"group_size={self.group_size}: GRPO needs >= 2 samples per question")
         if self.steps < 1 or self.questions_per_step < 1 or self.train_questions < 1:
             problems.append("steps, questions_per_step and train_questions must be >= 1")
+        if self.kl_estimator not in ("k3", "k3_ratio"):
+            problems.append(f"kl_estimator={self.kl_estimator!r}: use k3 or k3_ratio")
         if self.aggregation not in ("dr_grpo", "token", "sequence"):
             problems.append(f"aggregation={self.aggregation!r}: use dr_grpo, token or sequence")
         if self.lr <= 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.format_weight < 0:
@@ -229,13 +237,25 @@ def batch_options(policy: Any) -> dict[str, Any]:
 
 
 def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
-    """`update_epochs` GRPO steps on one batch (none when every group's rewards are equal: no signal)."""
-    from mlpo_agents.trainers.update import policy_update
+    """`update_epochs` GRPO steps on one batch (none when every group's rewards are equal: no signal).
+
+    With `tempered_policy` the ratio's old policy is the tempered policy of the weights at the start of
+    the update (see `trainers.update`): the detached current logprobs for one epoch, one no-grad forward
+    before the first of several.
+    """
+    from mlpo_agents.trainers.update import OldLogprobs, policy_update, with_current_logprobs
 
     c = policy.config
     if c.kl_coef == 0 and not batch.advantages.any():
         # A zero gradient would still move the weights through Adam's momentum; skip the step instead.
         return {"loss": 0.0, "grad_norm": 0.0, "update_skipped": 1.0}
+    old_logprobs: OldLogprobs = "batch"
+    if c.tempered_policy and c.update_epochs == 1:
+        old_logprobs = "current"
+    elif c.tempered_policy:
+        batch = with_current_logprobs(
+            policy.model, batch, tempered_policy=True, micro_batch_size=c.micro_batch_size
+        )
     for _ in range(c.update_epochs):
         metrics = policy_update(
             policy.model,
@@ -244,8 +264,11 @@ def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
             loss="grpo",
             micro_batch_size=c.micro_batch_size,
             max_grad_norm=c.max_grad_norm,
+            tempered_policy=c.tempered_policy,
+            old_logprobs=old_logprobs,
             clip_eps=c.clip_eps,
             kl_coef=c.kl_coef,
+            kl_estimator=c.kl_estimator,
             aggregation=c.aggregation,
             max_tokens=max_tokens,
         )

@@ -4,15 +4,28 @@
 are weighted so that the accumulated gradient equals the gradient of the loss on the whole batch
 (for every aggregation), and under an `accelerate.Accelerator` each rank trains on its own rows
 (`rows[rank::world]`) while DDP averages the gradients, so the step is the same as on one process.
+
+Which policy is optimised (`tempered_policy`): the engine samples row b from softmax(logits / T_b) but
+records raw (T = 1) logprobs, as vLLM does. With `tempered_policy=True` the trainable forward divides the
+logits by each row's sampling temperature (`TrajectoryBatch.temperatures`), as TRL's GRPOTrainer does, so
+the policy that is differentiated is the one that was sampled. The ratio's old logprobs must then be of
+the same tempered distribution, which the recorded raw ones are not; two ways to get them:
+- `old_logprobs="current"`: the detached current logprob (the ratio is exactly 1; TRL's path when
+  num_iterations == 1). Right for the first gradient step on freshly sampled data, whose weights are
+  the sampling weights.
+- `with_current_logprobs(model, batch)` before the first of several gradient steps on one batch: one
+  no-grad forward stores the tempered logprobs of the sampling weights as `old_logprobs`.
+Greedy rows count as T = 1 (see `trainers.batch`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +45,7 @@ def _magrpo(logp: torch.Tensor, mb: TrajectoryBatch, ref_logp: torch.Tensor | No
 
 
 LOSSES: dict[str, LossFn] = {"grpo": _grpo, "magrpo": _magrpo}
+OldLogprobs = Literal["batch", "current"]
 
 
 def _micro_batches(rows: int, micro_batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -43,10 +57,44 @@ def _micro_batches(rows: int, micro_batch_size: int, rank: int, world: int) -> l
     return chunks + [[] for _ in range(count - len(chunks))]
 
 
-def sequence_logprobs(model: Any, mb: TrajectoryBatch) -> torch.Tensor:
-    """(B, L) log p(token t | tokens < t) of `model` on a micro-batch (same alignment as `old_logprobs`)."""
+def sequence_logprobs(model: Any, mb: TrajectoryBatch, tempered_policy: bool = False) -> torch.Tensor:
+    """(B, L) log p(token t | tokens < t) of `model` on a micro-batch (same alignment as `old_logprobs`).
+
+    With `tempered_policy`, p = softmax(logits / T_b) at each row's sampling temperature.
+    """
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, L, V)
-    return token_logprobs(logits, mb.input_ids)
+    return token_logprobs(logits, mb.input_ids, mb.temperatures if tempered_policy else None)
+
+
+def with_current_logprobs(
+    model: Any,
+    batch: TrajectoryBatch,
+    *,
+    tempered_policy: bool = True,
+    micro_batch_size: int = 4,
+    accelerator: Any = None,
+) -> TrajectoryBatch:
+    """`batch` with `old_logprobs` replaced by `model`'s own (tempered) logprobs, computed without gradient.
+
+    Call it once before several gradient steps on a batch sampled from `model`'s current weights: the
+    ratio of every step then refers to the tempered sampling policy (the recorded raw logprobs do not).
+    """
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    old = torch.zeros_like(batch.old_logprobs)  # (B, L)
+    was_training = model.training
+    model.eval()  # no dropout: the old policy is the sampling policy
+    with torch.no_grad():
+        for start in range(0, len(batch), micro_batch_size):
+            rows = list(range(start, min(start + micro_batch_size, len(batch))))
+            mb = batch.select(rows).to(device)
+            logp = sequence_logprobs(model, mb, tempered_policy)  # (b, width)
+            old[rows, : logp.shape[1]] = torch.where(mb.completion_mask.bool(), logp, 0.0).to(old.device)
+    model.train(was_training)
+    return dataclasses.replace(batch, old_logprobs=old, old_logprobs_tempered=tempered_policy)
+
+
+def _needs_tempered_old(batch: TrajectoryBatch) -> bool:
+    return batch.temperatures is not None and bool((batch.temperatures != 1.0).any())
 
 
 def policy_update(
@@ -59,16 +107,36 @@ def policy_update(
     max_grad_norm: float | None = 1.0,
     accelerator: Any = None,
     ref_model: Any = None,
+    tempered_policy: bool = True,
+    old_logprobs: OldLogprobs = "batch",
     **loss_kwargs: Any,
 ) -> dict[str, float]:
     """One optimizer step on `batch`; returns loss, grad norm, loss metrics and trained tokens/s.
 
     `ref_model` gives reference log-probs for a KL term (`kl_coef` in `loss_kwargs`); with `kl_coef > 0`
-    and no `ref_model`, a peft model with its adapter disabled is the reference.
+    and no `ref_model`, a peft model with its adapter disabled is the reference. `tempered_policy`: the
+    policy (and the reference) is softmax(logits / T) at each row's sampling temperature; `old_logprobs`:
+    the ratio's old logprobs are the batch's ("batch") or the detached current ones ("current"); see the
+    module docstring.
     """
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be >= 1")
+    if old_logprobs not in ("batch", "current"):
+        raise ValueError(f"old_logprobs must be 'batch' or 'current', not {old_logprobs!r}")
+    if (
+        loss_fn is _grpo
+        and tempered_policy
+        and old_logprobs == "batch"
+        and not batch.old_logprobs_tempered
+        and _needs_tempered_old(batch)
+    ):
+        raise ValueError(
+            "tempered_policy=True with rows sampled at temperature != 1, but the batch's old_logprobs are the "
+            "engine's raw (T = 1) ones: the ratio would compare two distributions. Pass old_logprobs='current' "
+            "(one gradient step per batch), or call with_current_logprobs(model, batch) once before the steps, "
+            "or tempered_policy=False"
+        )
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if len(batch) < world:
         raise ValueError(f"a batch of {len(batch)} rows cannot be split over {world} processes")
@@ -91,15 +159,17 @@ def policy_update(
         share = 0.0 if empty else float(mb.completion_mask.sum() if by_tokens else len(rows)) / float(total)
         sync = accelerator is None or i == len(chunks) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            logp = sequence_logprobs(model, mb)  # (b, L)
+            logp = sequence_logprobs(model, mb, tempered_policy)  # (b, L)
+            if old_logprobs == "current":
+                mb.old_logprobs = logp.detach()  # ratio exactly 1 (mb is this loop's own copy)
             ref_logp = None
             if use_ref:
                 with torch.no_grad():
                     if ref_model is not None:
-                        ref_logp = sequence_logprobs(ref_model, mb)
+                        ref_logp = sequence_logprobs(ref_model, mb, tempered_policy)
                     else:
                         with unwrapped.disable_adapter():
-                            ref_logp = sequence_logprobs(unwrapped, mb)
+                            ref_logp = sequence_logprobs(unwrapped, mb, tempered_policy)
             mb_loss, metrics = loss_fn(logp, mb, ref_logp=ref_logp, **loss_kwargs)
             scaled = mb_loss * share * world  # DDP averages over ranks: undo the 1/world
             if accelerator is not None:

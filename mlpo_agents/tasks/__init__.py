@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .arithmetic import OPTIONS as ARITHMETIC_OPTIONS
 from .arithmetic import load_arithmetic
 from .base import Task, TaskError
 from .bbh import load_bbh
@@ -29,6 +30,8 @@ TASKS: dict[str, Callable[..., list[Task]]] = {
     "humaneval": load_humaneval,
     "mbpp": load_mbpp,
 }
+OPTIONS: dict[str, tuple[str, ...]] = {"arithmetic": ARITHMETIC_OPTIONS}
+"""Extra keyword options per task (``--task-option key=value``); tasks not listed take none."""
 
 
 def load_task(
@@ -44,7 +47,35 @@ def load_task(
     """Rows of task ``name``: local folder (``data_dir``, else $MLPO_DATA_DIR), else the hub."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; valid: {', '.join(TASKS)}.")
-    return TASKS[name](data_dir=data_dir, split=split, subset=subset, limit=limit, seed=seed, **options)
+    unknown = sorted(set(options) - set(OPTIONS.get(name, ())))
+    if unknown:
+        valid = ", ".join(OPTIONS.get(name, ())) or "none"
+        raise TaskError(f"task {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {valid}.")
+    tasks = TASKS[name](data_dir=data_dir, split=split, subset=subset, limit=limit, seed=seed, **options)
+    for task in tasks:
+        check_text(task)
+    return tasks
 
 
-__all__ = ["TASKS", "Task", "TaskError", "load_task"]
+def check_text(task: Task) -> None:
+    """Raise TaskError when a text field cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800").
+
+    Such text passes JSON decoding but fails later inside a tokenizer, after the run has started.
+    """
+    fields = {"question": task.question, "answer": task.answer}
+    fields.update({f"meta.{k}": v for k, v in task.meta.items() if isinstance(v, str)})
+    fields.update(
+        {f"meta.{k}[{i}]": x for k, v in task.meta.items() if isinstance(v, list) for i, x in enumerate(v)
+         if isinstance(x, str)}
+    )
+    for where, text in fields.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TaskError(
+                f"task {task.id}: field {where!r} holds {text[e.start]!r} at character {e.start}, a lone "
+                "surrogate that is not valid Unicode text; fix or remove that row in the data file."
+            ) from None
+
+
+__all__ = ["OPTIONS", "TASKS", "Task", "TaskError", "check_text", "load_task"]

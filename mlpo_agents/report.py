@@ -88,6 +88,47 @@ def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, f
     return low, high
 
 
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two systems scored on the same questions: accuracies, discordant pairs and McNemar's exact test."""
+
+    n: int
+    """Questions both systems were scored on."""
+    before: float
+    after: float
+    gained: int
+    """Questions wrong before and right after."""
+    lost: int
+    """Questions right before and wrong after."""
+    p_value: float
+    """Two-sided exact McNemar p-value (binomial test of `gained` among the discordant pairs)."""
+
+
+def paired_comparison(before: dict[str, float], after: dict[str, float]) -> PairedComparison:
+    """Compare per-question 0/1 outcomes keyed by task id (only questions present in both count)."""
+    keys = sorted(set(before) & set(after))
+    gained = sum(1 for k in keys if before[k] < 0.5 <= after[k])
+    lost = sum(1 for k in keys if after[k] < 0.5 <= before[k])
+    n = len(keys)
+    return PairedComparison(
+        n=n,
+        before=sum(before[k] for k in keys) / n if n else float("nan"),
+        after=sum(after[k] for k in keys) / n if n else float("nan"),
+        gained=gained,
+        lost=lost,
+        p_value=mcnemar_exact(gained, lost),
+    )
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for discordant counts b and c: P(|X - m/2| >= |b - m/2|), X ~ Bin(m, 1/2)."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2**m
+    return min(1.0, 2 * tail)
+
+
 def cell_from_store(store: Any, team: str, task: str, task_ids: list[str], wall_s: float = 0.0) -> CellResult:
     """Score one (team, task) cell from the trace store: the latest finished episode per sampled question."""
     wanted = set(task_ids)

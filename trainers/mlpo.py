@@ -127,8 +127,8 @@ class TrainResult:
     adapter: Path
     """The final adapter folder (peft format)."""
     steps: int
-    evaluation: dict[str, dict[str, float]]
-    """{"before": {...}, "after": {...}}: team and solo accuracy on held-out questions."""
+    evaluation: dict[str, dict[str, Any]]
+    """{"before": {...}, "after": {...}}: team and solo accuracy on held-out questions (see `evaluate`)."""
     history: list[dict[str, Any]]
     wall_s: float
 
@@ -292,14 +292,24 @@ def batch_metrics(batch: Any) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(policy: Policy, team: Any, config: MLPOConfig, *, label: str) -> dict[str, float]:
-    """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1."""
+def evaluate(
+    policy: Policy, team: Any, config: MLPOConfig, *, label: str, state: dict[str, Any]
+) -> dict[str, Any]:
+    """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1.
+
+    Accuracy is the strict answer rule (what trains); `*_lenient_accuracy` is the lenient figure, and
+    `*_correct` maps each task id to its strict outcome (for paired tests). The peers answer each
+    held-out question once (an evaluation pool kept in `state["eval_pool"]`): every evaluation of a run
+    shows the leader the same proposals, so before and after differ only by the leader.
+    """
     from mlpo_agents.graphs import build_topology
+    from mlpo_agents.graphs.pooled_peers import PeerPool
     from mlpo_agents.trace import TraceStore
 
     tasks = load_split(config, "test", config.eval_questions)
     store = TraceStore(Path(config.out) / "eval_traces.sqlite")
-    out = {}
+    pool = PeerPool.from_json(state["eval_pool"]) if state.get("eval_pool") else PeerPool()
+    out: dict[str, Any] = {"questions": len(tasks)}
     for name, peers in (("team", int(team.params.get("peers", 0))), ("solo", 0)):
         params = {**team.params, "peers": peers, "leader_samples": 1}
         eval_team = seeded_team(
@@ -307,11 +317,22 @@ def evaluate(policy: Policy, team: Any, config: MLPOConfig, *, label: str) -> di
             step_seed(config.seed, -1),
             leader_temperature=config.eval_temperature,
         )
-        graph = build_topology("leader_peers", **params)
+        if peers and team.topology == "leader_peers":
+            graph = build_topology("mlpo_agents.graphs.pooled_peers:build_pooled_peers", **params, pool=pool)
+        else:
+            graph = build_topology(team.topology, **params)
         summary = rollout(policy, eval_team, tasks, store, graph, task_name=config.task)
         out[f"{name}_accuracy"] = summary.accuracy
+        out[f"{name}_lenient_accuracy"] = summary.lenient_accuracy
+        out[f"{name}_correct"] = {r.task_id: r.reward for r in summary.results if r.status != "failed"}
+    state["eval_pool"] = pool.to_json()
     store.close()
     return out
+
+
+def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The scalar part of an evaluation, as `eval/...` log metrics."""
+    return {f"eval/{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
 
 
 # ------------------------------------------------------------------------------------------- SFT warm-up
@@ -409,8 +430,8 @@ def train(config: MLPOConfig) -> TrainResult:
         print(f"no checkpoint in {checkpointer.root}: starting from step 0")
 
     if first_step == 0 and config.eval_questions and "before" not in state["evaluation"]:
-        state["evaluation"]["before"] = evaluate(policy, team, config, label="before")
-        logger.log(0, {f"eval/{k}": v for k, v in state["evaluation"]["before"].items()})
+        state["evaluation"]["before"] = evaluate(policy, team, config, label="before", state=state)
+        logger.log(0, eval_metrics(state["evaluation"]["before"]))
     if first_step == 0 and config.sft_steps and not state.get("sft_done"):
         metrics = sft_warmup(policy, collect_sft_examples(policy, team, config, store))
         policy.publish(0)
@@ -429,9 +450,7 @@ def train(config: MLPOConfig) -> TrainResult:
         policy.publish(step)
         metrics["version"] = policy.version
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            metrics.update(
-                {f"eval/{k}": v for k, v in evaluate(policy, team, config, label=f"step{step}").items()}
-            )
+            metrics.update(eval_metrics(evaluate(policy, team, config, label=f"step{step}", state=state)))
         logger.log(step, metrics)
         out_of_time = (
             config.max_minutes is not None and time.perf_counter() - train_start > 60 * config.max_minutes
@@ -456,8 +475,8 @@ def train(config: MLPOConfig) -> TrainResult:
         bar.close()
 
     if config.eval_questions:
-        state["evaluation"]["after"] = evaluate(policy, team, config, label="after")
-        logger.log(step, {f"eval/{k}": v for k, v in state["evaluation"]["after"].items()})
+        state["evaluation"]["after"] = evaluate(policy, team, config, label="after", state=state)
+        logger.log(step, eval_metrics(state["evaluation"]["after"]))
     logger.close()
     store.close()
     return TrainResult(

@@ -18,6 +18,8 @@ from .humaneval import load_humaneval
 from .math_tasks import load_math, load_math500
 from .mbpp import load_mbpp
 from .mmlu import load_mmlu
+from .word_problems import OPTIONS as WORD_PROBLEM_OPTIONS
+from .word_problems import load_word_problems
 
 TASKS: dict[str, Callable[..., list[Task]]] = {
     "arithmetic": load_arithmetic,
@@ -29,8 +31,9 @@ TASKS: dict[str, Callable[..., list[Task]]] = {
     "csqa": load_csqa,
     "humaneval": load_humaneval,
     "mbpp": load_mbpp,
+    "word_problems": load_word_problems,
 }
-OPTIONS: dict[str, tuple[str, ...]] = {"arithmetic": ARITHMETIC_OPTIONS}
+OPTIONS: dict[str, tuple[str, ...]] = {"arithmetic": ARITHMETIC_OPTIONS, "word_problems": WORD_PROBLEM_OPTIONS}
 """Extra keyword options per task (``--task-option key=value``); tasks not listed take none."""
 
 

@@ -48,13 +48,17 @@ class CellResult:
     wall_s: float
     """Wall time spent running this cell, summed over resumed invocations."""
     answered: int
-    """Finished episodes with a parseable final answer (`<answer>` block or `\\boxed{}`); the rest score 0."""
+    """Finished episodes whose final answer parsed under the strict rule; the rest score 0."""
     degraded: int
     """Finished episodes in which some agent failed and the team answered anyway."""
     failed: int
     """Questions whose latest episode failed (no answer, no reward)."""
     questions: int
     """Questions in the sample."""
+    lenient_accuracy: float = float("nan")
+    """Accuracy under the lenient rule (an unclosed block, an answer phrase anywhere, else the last
+    number), as harnesses for small models report it; NaN when the topology gives no lenient answer.
+    Never trained on: a separately labelled column."""
 
 
 @dataclass
@@ -153,6 +157,11 @@ def cell_from_store(store: Any, team: str, task: str, task_ids: list[str], wall_
             f"{len(missing)} finished episodes of {team} on {task} have no episode-level `correct` reward "
             f"(e.g. {missing[0]}); the trace store is incomplete, rerun this cell without --resume"
         )
+    lenient = (
+        {r.episode_id: r.value for r in store.rewards(episode_id=ids, name="correct_lenient") if r.call_id is None}
+        if ids
+        else {}
+    )
     calls = store.calls(episode_id=ids) if ids else []
     n = len(done)
     correct = float(sum(rewards.values()))
@@ -174,6 +183,7 @@ def cell_from_store(store: Any, team: str, task: str, task_ids: list[str], wall_
         degraded=sum(ep.status == "degraded" for ep in done),
         failed=failed,
         questions=len(wanted),
+        lenient_accuracy=sum(lenient.values()) / len(lenient) if lenient and len(lenient) == n else float("nan"),
     )
 
 
@@ -188,20 +198,24 @@ def format_number(x: float, digits: int = 1) -> str:
 def results_markdown(report: EvalReport) -> str:
     """The results table as markdown (one row per team × task)."""
     lines = [
-        "| Team | Task | n | Accuracy | 95% CI (Wilson) | Completion tokens / q | Calls / q | Answered | Wall (s) | Degraded | Failed |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| Team | Task | n | Accuracy (strict) | 95% CI (Wilson) | Lenient accuracy | Completion tokens / q | Calls / q | Answered | Wall (s) | Degraded | Failed |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report.cells:
         lines.append(
             f"| {c.team} | {c.task} | {c.n} | {format_number(c.accuracy, 3)} | [{c.ci_low:.3f}, {c.ci_high:.3f}] | "
+            f"{format_number(c.lenient_accuracy, 3)} | "
             f"{format_number(c.completion_tokens_per_q, 0)} | {format_number(c.calls_per_q, 1)} | {c.answered}/{c.n} | {c.wall_s:.0f} | {c.degraded} | {c.failed} |"
         )
     return (
         f"Command: `{report.command}`\n\n"
         + "\n".join(lines)
         + f"\n\nTotal wall time: {report.wall_s:.0f} s. "
-        "Accuracy is the mean episode-level `correct` reward over finished episodes; Answered counts the "
-        "episodes whose final answer parsed (an `<answer>` block or `\\boxed{}`): an unparsed answer scores 0.\n"
+        "Accuracy is the mean episode-level `correct` reward over finished episodes, under the strict answer "
+        "rule (a closed `<answer>` block, `\\boxed{}`, or a final-answer phrase ending the reply; nothing from a "
+        "reply cut at the token limit): the rule rewards are trained with. Answered counts the episodes whose "
+        "final answer parsed under it. Lenient accuracy (an unclosed block, an answer phrase anywhere, else the "
+        "last number) is shown for comparison with harnesses that use it; nothing trains on it.\n"
     )
 
 

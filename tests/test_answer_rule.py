@@ -93,3 +93,23 @@ def test_the_graphs_default_instruction_carries_no_answer() -> None:
 
     default = TeamContext.__dataclass_fields__["instruction"].default
     assert isinstance(default, str) and not re.search(r"\d", default)
+
+
+def test_the_runner_records_strict_and_lenient_team_rewards_with_their_reasons(tmp_path) -> None:
+    """A leader that never states an answer scores 0 (strict, reason no_answer); the lenient figure is
+    recorded beside it under its own name, and the call-level reward trainers read is the strict one."""
+    import asyncio
+
+    from mlpo_agents.runner import run_team
+    from mlpo_agents.testing import ScriptedModel, scripted_team
+    from mlpo_agents.trace import TraceStore
+
+    leader = ScriptedModel("rule-leader", "The sum of 31 and 4")
+    team = scripted_team({"leader": leader}, params={"peers": 0})
+    store = TraceStore(tmp_path / "t.sqlite")
+    summary = asyncio.run(run_team(team, [FOUR], store, task_name="unit", progress=False))
+    assert summary.accuracy == 0.0 and summary.lenient_accuracy == 1.0
+    by_name = {(r.name, r.call_id is None): r for r in store.rewards()}
+    assert by_name["correct", True].value == 0.0 and by_name["correct", True].meta["reason"] == "no_answer"
+    assert by_name["correct_lenient", True].value == 1.0
+    assert by_name["correct", False].value == 0.0  # the call-level reward: strict

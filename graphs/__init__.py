@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -35,13 +36,26 @@ def builder_of(name: str) -> Callable[..., Any]:
     """The builder function of a shipped topology name or of `package.module:function`."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.append(cwd)  # `my_team:build` finds my_team.py in the current folder (after installed packages)
+        importlib.invalidate_caches()  # a module file written after the folder was first listed
         try:
-            builder = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            path = module_name.replace(".", "/")
             raise ValueError(
-                f"cannot load topology builder {name!r} ({e}); use `package.module:function` "
-                "(importable: run from the folder that holds the package, or set PYTHONPATH)"
+                f"cannot import module {module_name!r} of topology {name!r} ({e}); the module is looked up in "
+                f"the current folder ({cwd}) and on PYTHONPATH: run from the folder that holds {path}.py, "
+                "or add its folder to PYTHONPATH"
             ) from None
+        builder = getattr(module, attr, None)
+        if not callable(builder):
+            found = sorted(n for n in vars(module) if n.startswith("build_"))
+            raise ValueError(
+                f"module {module_name!r} ({module.__file__}) has no function {attr!r} for topology {name!r}; "
+                f"builders it defines: {', '.join(found) or 'none'}"
+            )
         return typing.cast(Callable[..., Any], builder)
     if name in TOPOLOGIES:
         return TOPOLOGIES[name]
@@ -59,6 +73,12 @@ def check_params(name: str, params: dict[str, Any]) -> None:
     except Exception:  # noqa: BLE001 - unresolvable annotations in a user builder: skip the type checks
         hints = {}
     valid = ", ".join(k for k in accepted if k != "checkpointer")
+    if "checkpointer" in params and "checkpointer" not in accepted and not takes_any:
+        raise ValueError(
+            f"topology builder {name!r} does not accept `checkpointer=`, which --checkpoint needs; add a "
+            "`checkpointer=None` parameter to the builder and end it with "
+            "`return graph.compile(checkpointer=checkpointer)`, or run without --checkpoint"
+        )
     for key, value in params.items():
         if key not in accepted:
             if takes_any:

@@ -6,3 +6,14 @@ import os as _os
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 __version__ = "0.1.0"
+
+__all__ = ["Team"]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so `import mlpo_agents` (and `mlpo --help`) does not import LangGraph and litellm.
+    if name in ("Team", "TeamResult", "AgentTurn", "AgentFailure"):
+        from mlpo_agents import team
+
+        return getattr(team, name)
+    raise AttributeError(f"module 'mlpo_agents' has no attribute {name!r}")

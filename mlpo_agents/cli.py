@@ -33,7 +33,22 @@ def _team(args: argparse.Namespace) -> Any:
     updates: dict[str, Any] = {}
     params = dict(team.params)
     if getattr(args, "topology", None) and args.topology != team.topology:
-        # The team's params belong to its own topology; the new one starts from its defaults.
+        # The team's params belong to its own topology; the new one starts from its defaults plus --param.
+        if team.params and not getattr(args, "param", None):
+            import inspect
+
+            from mlpo_agents.graphs import builder_of
+
+            given = ", ".join(f"{k}={v}" for k, v in team.params.items())
+            takes = ", ".join(
+                f"{k}={p.default}" for k, p in inspect.signature(builder_of(args.topology)).parameters.items()
+                if k != "checkpointer" and p.default is not inspect.Parameter.empty
+            )
+            raise UserError(
+                f"--topology {args.topology} differs from team {team.name!r}'s topology {team.topology!r}, whose "
+                f"params ({given}) would be dropped; give the new topology's parameters with --param key=value "
+                f"(it takes: {takes or 'none'}), or write a team file with `topology: {args.topology}`"
+            )
         updates["topology"], updates["params"], params = args.topology, {}, {}
     if getattr(args, "param", None):
         for item in args.param:
@@ -89,8 +104,8 @@ def _tasks(args: argparse.Namespace) -> list[Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a team over a task sample and print accuracy, tokens and wall time."""
-    from mlpo_agents.models import ModelClient, preflight
-    from mlpo_agents.runner import run_team
+    from mlpo_agents.models import preflight
+    from mlpo_agents.team import Team
     from mlpo_agents.trace import open_store
 
     if args.limit is not None and args.limit < 1:
@@ -100,18 +115,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dtype:
         os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     team = _team(args)
+    if args.checkpoint:  # fail before any store is opened when the builder cannot take a checkpointer
+        from mlpo_agents.graphs import check_params
+
+        check_params(team.topology, {**team.params, "checkpointer": None})
     tasks = _tasks(args)
     preflight(team)
-    store = open_store(args.traces)
-    client = ModelClient(team, store)
+    runner = Team(team, open_store(args.traces))
     stream = _printer() if args.verbose else None
     print(f"team {team.name} ({team.topology}, {team.params}) on {args.task}: {len(tasks)} questions, "
           f"traces -> {args.traces}", file=sys.stderr)
     try:
         checkpoints = f"{args.traces}.checkpoints" if args.checkpoint else None
-        summary = asyncio.run(run_team(team, tasks, store, task_name=args.task, client=client,
-                                       concurrency=args.concurrency, resume=args.resume, stream=stream,
-                                       checkpoints=checkpoints))
+        summary = asyncio.run(runner.arun(tasks, task_name=args.task, concurrency=args.concurrency,
+                                          resume=args.resume, stream=stream, checkpoints=checkpoints))
     except KeyboardInterrupt:
         print(f"interrupted: finished episodes are in {args.traces}; rerun with --resume to continue", file=sys.stderr)
         return 130
@@ -222,7 +239,9 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _add_task_args(p: argparse.ArgumentParser, limit: int | None) -> None:
-    p.add_argument("--task", default="gsm8k", help="task name (gsm8k, arithmetic, math, bbh, mmlu, csqa, ...)")
+    p.add_argument(
+        "--task", default="word_problems", help="task name (word_problems, arithmetic, gsm8k, math, bbh, mmlu, csqa, ...)"
+    )
     p.add_argument("--split", default=None, help="dataset split (default: the task's test split)")
     p.add_argument("--subset", default=None, help="task subset (a BBH task, an MMLU subject, a difficulty)")
     p.add_argument("--limit", type=int, default=limit, help="number of questions (seeded sample)")

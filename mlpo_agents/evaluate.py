@@ -324,7 +324,7 @@ def add_subcommand(subparsers: Any) -> None:
     )
     p.add_argument(
         "--tasks",
-        default="gsm8k",
+        default="word_problems",
         help="comma-separated tasks, `name` or `name:subset` (gsm8k,arithmetic,bbh:navigate,mmlu:anatomy)",
     )
     p.add_argument("--limit", type=int, default=30, help="questions per task (seeded sample; 0 or less: all)")

@@ -34,6 +34,7 @@ class EpisodeResult:
     task_id: str
     answer: str | None
     reward: float
+    """Strict correctness of the team answer (0.0, with no reward recorded, for a free-form question)."""
     status: str
     state: dict[str, Any] = field(default_factory=dict)
     lenient_reward: float | None = None
@@ -68,6 +69,11 @@ class RunSummary:
     def lenient_accuracy(self) -> float | None:
         """Accuracy under the lenient rule (last number as a fallback), a separately labelled figure."""
         return self.correct_lenient / self.lenient_scored if self.lenient_scored else None
+
+
+FREE_FORM = "free"
+"""`Task.kind` of a free-form question (the Team API, an app): no gold answer, so no correctness reward;
+agents get the generic answer instruction and the graph's context has `task=None`."""
 
 
 def task_fingerprint(task: Task) -> str:
@@ -120,7 +126,10 @@ async def run_episode(
     episode = Episode(episode_id or new_id(), task_name, task.id, team.name, team.topology,
                       meta={"params": team.params, "task_sha": task_fingerprint(task)})
     store.append(episode)
-    ctx = TeamContext(client=client, task=task, instruction=answer_prompt(task))
+    free = task.kind == FREE_FORM
+    ctx = TeamContext(client=client, task=None if free else task)
+    if not free:
+        ctx.instruction = answer_prompt(task)
     config = {"configurable": {"episode_id": episode.episode_id, "thread_id": episode.episode_id}}
     inputs: dict[str, Any] | None = {"question": task.question, "round": 0, "turns": [], "failures": []}
     if episode_id is not None and graph.checkpointer is not None and (await graph.aget_state(config)).next:
@@ -139,6 +148,12 @@ async def run_episode(
                     state = payload
     except ConfigError:
         raise  # misuse (a role the team does not map): stop the run with the fix, not N failed episodes
+    except asyncio.CancelledError:
+        # Cancelled mid-episode (a client that disconnected, a server shutting down): close the record.
+        episode.status, episode.finished_at = "interrupted", time.time()
+        store.append([Failure(episode.episode_id, "episode", "", "", -1, "Cancelled",
+                              "the episode was cancelled before it finished"), episode])
+        raise
     except Exception as e:  # noqa: BLE001 - an episode crash is recorded; the run goes on
         episode.status, episode.finished_at = "failed", time.time()
         store.append([Failure(episode.episode_id, "graph", "", "", -1, type(e).__name__, str(e)[:500]), episode])
@@ -152,8 +167,11 @@ async def run_episode(
         return EpisodeResult(episode.episode_id, task.id, None, 0.0, "failed", state)
     answer = state.get("answer")
     # One thread hop per episode: math-verify and code sandboxes can block for a while.
-    events = await asyncio.to_thread(score_episode, task, state, episode.episode_id, score_roles)
-    reward = events[0].value
+    if free:  # no gold answer: nothing to score (feedback rewards may come later)
+        events: list[Reward] = []
+    else:
+        events = await asyncio.to_thread(score_episode, task, state, episode.episode_id, score_roles)
+    reward = events[0].value if events else 0.0
     lenient = events[1].value if len(events) > 1 and events[1].name == "correct_lenient" else None
     episode.status = "degraded" if state.get("failures") else "done"
     episode.final_answer, episode.finished_at = answer, time.time()

@@ -5,6 +5,9 @@ and returns a `ServedTeam`: the servers plus the team with those deployments rew
 `hosted_vllm/<served name>` at each server's `api_base`; calls through litellm then return the same
 token ids and logprobs as the local engine. `ServedTeam.server_for(role)` finds the server to load a
 role's LoRA adapter into. `add_subcommand` / `serve_main` are the CLI.
+
+`mlpo serve --team T --app` serves the team itself instead, as an OpenAI-compatible chat model
+(`app.py`, `app_main`).
 """
 
 from __future__ import annotations
@@ -209,13 +212,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--timeout", type=float, default=600.0, help="seconds to wait for each server to be healthy"
     )
     parser.add_argument("--log-dir", help="folder for server logs (default: a temporary folder)")
+    app = parser.add_argument_group("the team as an OpenAI-compatible chat model (--app)")
+    app.add_argument("--app", action="store_true",
+                     help="serve the team itself at /v1/chat/completions (model = team name) instead of vLLM "
+                          "servers for its weights; --team may list several teams, comma-separated")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
+    app.add_argument("--port", type=int, default=8080)
+    app.add_argument("--api-key", default=os.environ.get("MLPO_API_KEY"),
+                     help="bearer token every request must send (default: $MLPO_API_KEY)")
+    app.add_argument("--traces", default="runs/traces.sqlite", help="trace store every episode is recorded in")
+    app.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger requests get HTTP 413")
     return parser
 
 
 def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Register `mlpo serve` on the CLI's subparsers (see `PLUGGED_COMMANDS` in cli.py)."""
     parser = subparsers.add_parser(
-        "serve", help="start vLLM servers for a team and print the team routed to them"
+        "serve", help="start vLLM servers for a team and print the team routed to them "
+        "(--app: serve the team itself as an OpenAI-compatible chat model)"
     )
     add_serve_arguments(parser)
     parser.set_defaults(func=serve_main)
@@ -231,6 +245,8 @@ def serve_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
 
     if args is None or not isinstance(args, argparse.Namespace):
         args = add_serve_arguments(argparse.ArgumentParser(prog="mlpo serve")).parse_args(args)
+    if getattr(args, "app", False):
+        return app_main(args)
     team = load_team(args.team)
     print(
         f"starting vLLM servers for team {team.name!r} (35-50 s each on CPU) ...", file=sys.stderr, flush=True
@@ -276,6 +292,26 @@ def serve_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         if served is not None:
             served.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def app_main(args: argparse.Namespace) -> int:
+    """`mlpo serve --team T --app`: the teams as an OpenAI-compatible chat model until Ctrl-C."""
+    from mlpo_agents.app import AppSettings, check_bind, run_app
+    from mlpo_agents.team import Team
+    from mlpo_agents.trace import open_store
+
+    check_bind(args.host, args.api_key)  # before any model or store is loaded
+    store = open_store(args.traces)
+    teams = [Team.load(name.strip(), traces=store) for name in args.team.split(",") if name.strip()]
+    names = ", ".join(t.name for t in teams)
+    print(f"serving teams {names} at http://{args.host}:{args.port}/v1 (traces -> {args.traces}); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        run_app(teams, host=args.host, port=args.port,
+                settings=AppSettings(api_key=args.api_key, max_request_bytes=args.max_request_bytes))
+    finally:
+        store.close()
+    return 0
 
 
 if __name__ == "__main__":

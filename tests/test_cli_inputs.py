@@ -47,13 +47,13 @@ def test_non_numeric_topology_param_names_value_and_fix(capsys, tmp_path):
 def test_team_missing_a_role_fails_before_any_episode(capsys, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     topology = "examples.mixture_of_agents:build_mixture_of_agents"
-    line = fails(capsys, *run(tmp_path, "--limit", "1", "--topology", topology))
+    line = fails(capsys, *run(tmp_path, "--limit", "1", "--topology", topology, "--param", "proposers=2"))
     assert "'proposer'" in line and "'aggregator'" in line and "add `roles:" in line
     assert not (tmp_path / "t.sqlite").exists()  # no store opened, so no episode left `running`
 
 
 def test_debate_without_judge_needs_no_judge_role_but_with_judge_does(capsys, tmp_path):
-    line = fails(capsys, *run(tmp_path, "--limit", "1", "--topology", "debate"))
+    line = fails(capsys, *run(tmp_path, "--limit", "1", "--topology", "debate", "--param", "rounds=2"))
     assert "'debater'" in line and "judge" not in line.split("calls")[0]
 
 

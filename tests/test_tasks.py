@@ -148,6 +148,7 @@ def test_registry_names():
         "gsm8k",
         "math",
         "math500",
+        "word_problems",
         "bbh",
         "mmlu",
         "csqa",

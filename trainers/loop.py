@@ -286,6 +286,23 @@ COMMON_FLAGS: dict[str, tuple[type, str]] = {
 }
 
 
+FLAG_ALGOS: dict[str, tuple[str, ...]] = {
+    "steps": ("mlpo", "magrpo"),
+    "group_size": ("mlpo", "magrpo"),
+    "questions_per_step": ("mlpo", "magrpo"),
+    "lr": ("mlpo", "magrpo"),
+    "offline": ("mlpo",),
+}
+"""Flags that only some algorithms take (every other flag: all of them). `mlpo train --help` shows it
+per flag without importing the trainers (torch); tests/test_docs_friction.py checks it against the
+config dataclasses."""
+
+
+def _takes(flag: str) -> str:
+    algos = FLAG_ALGOS.get(flag)
+    return f" [--algo {', '.join(algos)} only]" if algos else ""
+
+
 def _trainer_module(algo: str) -> Any:
     module_name, _ = ALGOS[algo]
     try:
@@ -311,6 +328,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
     module = _trainer_module(args.algo)
     config_cls = getattr(module, ALGOS[args.algo][1])
     names = {f.name for f in dataclasses.fields(config_cls)}
+    for flag, algos in FLAG_ALGOS.items():
+        given = getattr(args, flag, None)
+        if given not in (None, False) and args.algo not in algos and flag not in names:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} does not apply to --algo {args.algo} (only to {', '.join(algos)}); "
+                f"drop it (`mlpo train --help` marks which algorithms take each option; "
+                f"{config_cls.__name__}'s own fields are set with --set field=value)"
+            )
     values: dict[str, Any] = {}
     for name in COMMON_FLAGS:
         value = getattr(args, name, None)
@@ -364,15 +389,18 @@ def add_subcommand(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a team's trainable roles from their traces (MLPO, MAGRPO, MALT)",
-        description="Flags map one to one onto the trainer config (e.g. MLPOConfig); other fields: --set k=v.",
+        description="Flags map one to one onto the trainer config (MLPOConfig, MAGRPOConfig, MALTConfig); "
+        "other fields: --set k=v. A flag marked [--algo ... only] is refused by the other algorithms.",
     )
     p.add_argument("--algo", choices=sorted(ALGOS), default="mlpo", help="training algorithm")
     for name, (kind, text) in COMMON_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text + _takes(name))
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest complete checkpoint in --out"
     )
-    p.add_argument("--offline", action="store_true", help="train from an existing trace store (--traces)")
+    p.add_argument(
+        "--offline", action="store_true", help="train from an existing trace store (--traces)" + _takes("offline")
+    )
     p.add_argument(
         "--set",
         action="append",

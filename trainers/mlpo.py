@@ -58,6 +58,9 @@ class MLPOConfig(PolicyGradientConfig):
     """Team YAML path or built-in name; its `leader` role is trained and must be served by `local/<spec>`."""
     out: str = "runs/mlpo"
     """Run folder: metrics, curves, checkpoints, adapters, traces."""
+    leader_temperature: float | None = 0.7
+    """Leader sampling temperature of training rollouts; the team file's temperature serves evaluation
+    and apps (a team may serve a greedy leader, but GRPO needs G different samples). None: the team file's."""
     offline: bool = False
     """Train from the existing `traces` store instead of sampling new episodes."""
     clip_eps: float = 0.2
@@ -87,6 +90,9 @@ class MLPOConfig(PolicyGradientConfig):
     """SFT warm-up learning rate."""
     eval_every: int = 0
     """Also evaluate every N steps (0: only before and after)."""
+    reward_name: str = "correct"
+    """The per-call reward trained on: `correct` (the task's gold answer) or, offline, a reward recorded
+    later, e.g. `feedback` (what an app's users sent with `Team.feedback(..., sample=i)`)."""
     resume: bool = False
     """Continue from the latest complete checkpoint in `out`."""
 
@@ -96,12 +102,22 @@ class MLPOConfig(PolicyGradientConfig):
             problems.append(f"group_size={self.group_size}: GRPO needs >= 2 samples per question")
         if self.steps < 1 or self.questions_per_step < 1 or self.train_questions < 1:
             problems.append("steps, questions_per_step and train_questions must be >= 1")
+        if self.leader_temperature is not None and self.leader_temperature <= 0 and not self.offline:
+            problems.append(
+                f"leader_temperature={self.leader_temperature}: GRPO groups need sampling (> 0); a greedy "
+                "leader gives G identical samples and no learning signal"
+            )
         if self.kl_estimator not in ("k3", "k3_ratio"):
             problems.append(f"kl_estimator={self.kl_estimator!r}: use k3 or k3_ratio")
         if self.aggregation not in ("dr_grpo", "token", "sequence"):
             problems.append(f"aggregation={self.aggregation!r}: use dr_grpo, token or sequence")
         if self.lr <= 0 or self.clip_eps <= 0 or self.kl_coef < 0 or self.format_weight < 0:
             problems.append("lr and clip_eps must be > 0; kl_coef and format_weight >= 0")
+        if self.reward_name != "correct" and not self.offline:
+            problems.append(f"reward_name={self.reward_name!r}: online rollouts record `correct`; "
+                            "train on other rewards offline (offline=True, traces=<store>)")
+        if self.reward_name == "format":
+            problems.append("reward_name='format': the format reward is added with format_weight")
         if self.easy_threshold is not None and not 0 < self.easy_threshold <= 1:
             problems.append(f"easy_threshold={self.easy_threshold}: must be in (0, 1] or None")
         if (
@@ -228,8 +244,8 @@ def batch_options(policy: Any) -> dict[str, Any]:
         roles=("leader",),
         base_model=policy.base_model,
         # Only ask for a format reward when it counts: stores recorded without one stay usable.
-        reward_names=("correct", "format") if c.format_weight else ("correct",),
-        reward_weights={"correct": 1.0, "format": c.format_weight} if c.format_weight else None,
+        reward_names=(c.reward_name, "format") if c.format_weight else (c.reward_name,),
+        reward_weights={c.reward_name: 1.0, "format": c.format_weight} if c.format_weight else None,
         pad_token_id=policy.tokenizer.pad_token_id or 0,
         std_scale=c.std_scale,
         max_len=c.max_len,
@@ -408,6 +424,14 @@ def train(config: MLPOConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     team = load_team(config.team)
     spec = leader_spec(team)
+    sampled_at = config.leader_temperature
+    if sampled_at is None:
+        sampled_at = team.role("leader").sampling.temperature
+    if not config.offline and sampled_at is not None and sampled_at <= 0:
+        raise ValueError(
+            f"team {team.name!r} serves a greedy leader (temperature {sampled_at}): GRPO needs G different "
+            "samples per question; set leader_temperature (e.g. --set leader_temperature=0.7)"
+        )
     store = TraceStore(config.traces or out / "traces.sqlite")
     recorded = (
         offline_batch(config, spec, store) if config.offline else None
@@ -533,7 +557,12 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
         hits = pool.hits
         t0 = time.perf_counter()
         summary = rollout(
-            policy, seeded_team(team, step_seed(config.seed, n)), tasks, store, graph, task_name=config.task
+            policy,
+            seeded_team(team, step_seed(config.seed, n), leader_temperature=config.leader_temperature),
+            tasks,
+            store,
+            graph,
+            task_name=config.task,
         )
         rollout_s = time.perf_counter() - t0
         batch = episode_batch(store, summary, [t.id for t in tasks], policy)
@@ -620,7 +649,7 @@ def collect_sft_examples(policy: Policy, team: Any, config: MLPOConfig, store: A
     params = {**team.params, "leader_samples": config.group_size}
     summary = rollout(
         policy,
-        seeded_team(team, step_seed(config.seed, 0, salt=1)),
+        seeded_team(team, step_seed(config.seed, 0, salt=1), leader_temperature=config.leader_temperature),
         tasks,
         store,
         build_topology(team.topology, **params),

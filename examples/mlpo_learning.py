@@ -40,7 +40,7 @@ def team_yaml(path: Path, args: argparse.Namespace) -> Path:
             "leader": {
                 "model": "leader",
                 "trainable": True,
-                "sampling": {"temperature": args.leader_temperature, "max_tokens": args.leader_tokens},
+                "sampling": {"temperature": 0.0, "max_tokens": args.leader_tokens},  # greedy when it serves
             },
             "peer": {
                 "model": "leader",
@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--leader-tokens", type=int, default=96)
     parser.add_argument("--peer-tokens", type=int, default=96)
     parser.add_argument("--sft-steps", type=int, default=0, help="SFT warm-up steps on correct leader samples")
+    parser.add_argument(
+        "--baseline-from", default=None, help="reuse the untrained evaluation of an earlier run with the same settings"
+    )
     parser.add_argument("--max-steps", type=int, default=500, help="upper bound; --minutes usually stops first")
     args = parser.parse_args()
 
@@ -137,6 +140,8 @@ def main() -> None:
         lr=args.lr,
         format_weight=args.format_weight,
         sft_steps=args.sft_steps,
+        leader_temperature=args.leader_temperature,
+        baseline_from=args.baseline_from,
         eval_questions=args.eval_questions,
         eval_temperature=0.0,
         save_every=5,

@@ -359,6 +359,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """`mlpo train`: build the config, run the trainer, print where the results are."""
+    if getattr(args, "recipe", None):
+        from mlpo_agents.trainers.recipe import cmd_train_recipe
+
+        return cmd_train_recipe(args)
+    if getattr(args, "dry_run", False):
+        raise ValueError("--dry-run checks a GPU recipe: add --recipe NAME (recipes/NAME.yaml) or a recipe path")
     config = config_from_args(args)
     result = _trainer_module(args.algo).train(config)
     summary: dict[str, Any] = getattr(result, "summary", lambda: {"result": str(result)})()
@@ -406,5 +412,16 @@ def add_subcommand(subparsers: Any) -> None:
         action="append",
         metavar="FIELD=VALUE",
         help="any other config field, e.g. --set clip_eps=0.1",
+    )
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="a GPU recipe (recipes/NAME.yaml or a path): team, servers, trainer config, launch, trace store; "
+        "the algorithm comes from it, flags and --set override its trainer fields",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --recipe: validate it on CPU and print the plan (servers, batch shapes, memory estimate)",
     )
     p.set_defaults(func=cmd_train)

@@ -31,6 +31,7 @@ Deviations from the paper, and why:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -95,6 +96,10 @@ class MLPOConfig(PolicyGradientConfig):
     later, e.g. `feedback` (what an app's users sent with `Team.feedback(..., sample=i)`)."""
     resume: bool = False
     """Continue from the latest complete checkpoint in `out`."""
+    baseline_from: str | None = None
+    """A previous run folder with the same team, task, seed and evaluation settings: its untrained ("before")
+    evaluation and evaluation peer pool are reused instead of recomputed, so a recipe sweep pays for the
+    baseline once. Refused, naming the difference, when the settings differ."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -346,6 +351,56 @@ def evaluate(
     return out
 
 
+BASELINE = "baseline.json"
+"""Where a run keeps its untrained evaluation, the evaluation peer pool and what they depend on."""
+
+
+def baseline_fingerprint(config: MLPOConfig, team: Any) -> dict[str, Any]:
+    """Everything the untrained evaluation depends on. The leader's own sampling temperature is left out:
+    evaluation replaces it with `eval_temperature`."""
+    dumped = team.model_dump(mode="json", exclude={"name"})
+    leader = dumped.get("roles", {}).get("leader", {})
+    leader.get("sampling", {}).pop("temperature", None)
+    fields = ("task", "task_options", "data_dir", "eval_questions", "seed", "eval_temperature")
+    return {**{f: getattr(config, f) for f in fields}, "team": dumped}
+
+
+def load_baseline(folder: str | Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(before evaluation, evaluation pool) of the run in `folder`, checked against `fingerprint`.
+
+    Reads `<folder>/baseline.json`; a run from before that file existed serves through its latest
+    checkpoint and logged `config.json`.
+    """
+    from mlpo_agents.config import load_team
+    from mlpo_agents.trainers.loop import Checkpointer
+
+    folder = Path(folder)
+    if (folder / BASELINE).exists():
+        saved = json.loads((folder / BASELINE).read_text())
+        theirs, before, pool = saved["fingerprint"], saved["before"], saved["eval_pool"]
+    else:
+        checkpoint = Checkpointer(folder).latest()
+        if checkpoint is None or not (folder / "config.json").exists():
+            raise ValueError(
+                f"baseline_from={folder}: no {BASELINE} and no checkpoint with config.json there; "
+                "point it at the folder of an MLPO run that evaluated before training"
+            )
+        logged = json.loads((folder / "config.json").read_text())
+        known = {f.name for f in dataclasses.fields(MLPOConfig)}
+        theirs = baseline_fingerprint(
+            MLPOConfig(**{k: v for k, v in logged.items() if k in known and k not in ("offline", "resume")}),
+            load_team(logged["team"]),
+        )
+        before, pool = checkpoint.state["evaluation"]["before"], checkpoint.state["eval_pool"]
+    differ = sorted(k for k in set(fingerprint) | set(theirs) if fingerprint.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(
+            f"baseline_from={folder} was evaluated with other settings ({', '.join(differ)} differ); "
+            "its untrained evaluation does not apply: drop baseline_from or match those settings"
+        )
+    return before, pool
+
+
 def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     """The scalar part of an evaluation, as `eval/...` log metrics."""
     return {f"eval/{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
@@ -454,7 +509,17 @@ def train(config: MLPOConfig) -> TrainResult:
         print(f"no checkpoint in {checkpointer.root}: starting from step 0")
 
     if first_step == 0 and config.eval_questions and "before" not in state["evaluation"]:
-        state["evaluation"]["before"] = evaluate(policy, team, config, label="before", state=state)
+        fingerprint = baseline_fingerprint(config, team)
+        if config.baseline_from:
+            state["evaluation"]["before"], state["eval_pool"] = load_baseline(config.baseline_from, fingerprint)
+            print(f"reusing the untrained evaluation of {config.baseline_from}")
+        else:
+            state["evaluation"]["before"] = evaluate(policy, team, config, label="before", state=state)
+        (out / BASELINE).write_text(
+            json.dumps(
+                {"fingerprint": fingerprint, "before": state["evaluation"]["before"], "eval_pool": state["eval_pool"]}
+            )
+        )
         logger.log(0, eval_metrics(state["evaluation"]["before"]))
     if first_step == 0 and config.sft_steps and not state.get("sft_done"):
         metrics = sft_warmup(policy, collect_sft_examples(policy, team, config, store))

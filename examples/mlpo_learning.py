@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--questions-per-step", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--format-weight", type=float, default=0.0)
+    parser.add_argument(
+        "--format-reward", default="format", choices=("format", "answered"), help="what --format-weight rewards"
+    )
     parser.add_argument("--leader-temperature", type=float, default=0.7)
     parser.add_argument("--peer-temperature", type=float, default=0.7)
     parser.add_argument("--leader-tokens", type=int, default=96)
@@ -139,6 +142,7 @@ def main() -> None:
         train_questions=2000,
         lr=args.lr,
         format_weight=args.format_weight,
+        format_reward=args.format_reward,
         sft_steps=args.sft_steps,
         leader_temperature=args.leader_temperature,
         baseline_from=args.baseline_from,

@@ -101,7 +101,8 @@ def reward_event(episode_id: str, name: str, result: RewardResult, call_id: str 
 
 def score_episode(task: Task, state: dict[str, Any], episode_id: str, score_roles: Sequence[str]) -> list[Reward]:
     """Reward events of a finished episode: the team answer (strict, and lenient where the topology
-    gives one, under its own name) and, per scored turn, correctness (strict) and format."""
+    gives one, under its own name) and, per scored turn, correctness (strict), format (one `<answer>`
+    block) and answered (the turn gives an answer under the strict rule, right or wrong)."""
     events = [reward_event(episode_id, "correct", score_answer(task, state.get("answer")))]
     if "answer_lenient" in state:
         events.append(reward_event(episode_id, "correct_lenient", score_answer(task, state["answer_lenient"])))
@@ -110,6 +111,8 @@ def score_episode(task: Task, state: dict[str, Any], episode_id: str, score_role
             result = score_detail(task, turn["text"], truncated=turn.get("truncated", False))
             events.append(reward_event(episode_id, "correct", result, call_id=turn["call_id"]))
             events.append(Reward(episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
+            answered = 0.0 if result.reason == "no_answer" or result.failed else 1.0
+            events.append(Reward(episode_id, "answered", answered, call_id=turn["call_id"]))
     return events
 
 

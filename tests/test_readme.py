@@ -1,4 +1,4 @@
-"""Every command in README.md's ```bash blocks runs as written, on the tiny model, in seconds.
+"""Every command in README.md's ```bash blocks and every ```python block runs as written, on the tiny model, in seconds.
 
 The README is parsed on each run, so edits to it are tested without touching this file. How a usage
 synopsis becomes one concrete command on the tiny model is in tests/_commands.py (shared with
@@ -7,6 +7,7 @@ tests/test_docs.py, which does the same for the documentation site).
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -55,3 +56,19 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
     argv = on_tiny(concrete(words), workdir)
     code = main(argv)
     assert code == 0, f"`{command}` (run as `mlpo {shlex.join(argv)}`) exited {code}: {capsys.readouterr().err}"
+
+
+def readme_python_blocks() -> list[str]:
+    """Every ```python block of the README."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("source", readme_python_blocks())
+def test_readme_python_block_runs(source, tmp_path, monkeypatch):
+    """Each Python example runs as a script, in an empty folder (its relative paths land there)."""
+    import runpy
+
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "readme_example.py"
+    script.write_text(source)
+    runpy.run_path(str(script), run_name="__main__")

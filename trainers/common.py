@@ -68,6 +68,10 @@ class PolicyGradientConfig(RunConfig):
     (the gradient of another distribution than the sampled one whenever T != 1)."""
     format_weight: float = 0.0
     """Weight of the format reward added to correctness (0 by default, as in the papers)."""
+    format_reward: str = "format"
+    """Which recorded reward `format_weight` weighs: `format` (exactly one well-formed `<answer>` block) or
+    `answered` (the output gives an answer under the strict rule — a block, `\\boxed{}` or a final-answer
+    phrase ending an uncut reply — right or wrong)."""
     micro_batch_size: int = 4
     """Rows per forward/backward (gradient accumulation over the batch)."""
     max_grad_norm: float = 1.0

@@ -25,7 +25,8 @@ Deviations from the paper, and why:
 - Sampling seeds are per step and per agent (the leader's G samples differ by sample index), so all
   questions of a step share the leader's random stream; bit-identical reruns need `concurrency=1`.
 - A step whose groups all have equal rewards (zero advantages) makes no optimizer step.
-- A format reward can be added to correctness with weight `format_weight` (0 by default, as in the paper).
+- A format reward can be added to correctness with weight `format_weight` (0 by default, as in the paper):
+  `format_reward="format"` (one `<answer>` block) or `"answered"` (any answer under the strict rule).
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class MLPOConfig(PolicyGradientConfig):
                             "train on other rewards offline (offline=True, traces=<store>)")
         if self.reward_name == "format":
             problems.append("reward_name='format': the format reward is added with format_weight")
+        if self.format_reward not in ("format", "answered"):
+            problems.append(f"format_reward={self.format_reward!r}: use format or answered")
         if self.easy_threshold is not None and not 0 < self.easy_threshold <= 1:
             problems.append(f"easy_threshold={self.easy_threshold}: must be in (0, 1] or None")
         if (
@@ -249,8 +252,8 @@ def batch_options(policy: Any) -> dict[str, Any]:
         roles=("leader",),
         base_model=policy.base_model,
         # Only ask for a format reward when it counts: stores recorded without one stay usable.
-        reward_names=(c.reward_name, "format") if c.format_weight else (c.reward_name,),
-        reward_weights={c.reward_name: 1.0, "format": c.format_weight} if c.format_weight else None,
+        reward_names=(c.reward_name, c.format_reward) if c.format_weight else (c.reward_name,),
+        reward_weights={c.reward_name: 1.0, c.format_reward: c.format_weight} if c.format_weight else None,
         pad_token_id=policy.tokenizer.pad_token_id or 0,
         std_scale=c.std_scale,
         max_len=c.max_len,

@@ -8,7 +8,7 @@ advantages (reward minus group mean, no std) and PPO clipping. The new adapter i
 into the engine that serves the leader, so the next step samples from it. Entry points: `MLPOConfig`,
 `train` (the loop), `online_steps` / `offline_steps` (what one step does), `evaluate` (team and solo).
 
-Deviations from the paper, and why:
+Fidelity — deviations from the paper, and why (each a named option where it is a choice):
 - LoRA instead of full fine-tuning (CPU budget); the trained adapter is what the engine serves.
 - The optimised policy is the sampled one, softmax(logits / T) at the leader's sampling temperature
   (`tempered_policy=True`, as TRL's GRPOTrainer). The engine records raw (T = 1) logprobs like vLLM, so
@@ -18,7 +18,17 @@ Deviations from the paper, and why:
   `tempered_policy=False` differentiates the raw T = 1 policy against the recorded raw logprobs instead.
 - The peer pool fills lazily: a question's peers are sampled the first time it is drawn (normal
   recorded calls) and reused afterwards, instead of one pre-generation pass over the whole train set.
-- The easy-question filter uses the first rollout's leader group (G samples) as the team's solve rate.
+- The easy-question filter (`easy_threshold`, paper 0.75) uses the first rollout's leader group (G
+  samples) as the team's solve rate, after that step's update; the paper removes questions whose
+  pre-generated peer answers are right >= 75% of the time, before training. Not yet the paper's.
+- `pool_samples` = 1 sample per peer is kept in the pool by default; the paper keeps 4 (one flag away).
+- `rounds` = 1 in training and evaluation by default (the team file's `params.rounds`); the paper
+  evaluates with up to T = 5 rounds. With rounds > 1, later-round leader calls are trained on too.
+- SFT warm-up (`sft_steps`) is off by default; the paper's main result is SFT warm-up + MLPO.
+- The reward reads the answer under the project's strict rule (a closed `<answer>` block, `\\boxed{}`,
+  or a final-answer phrase ending an uncut reply); the paper reads the `<answer>` block.
+- Training rollouts sample the leader at `leader_temperature` (0.7); the team file's temperature
+  serves evaluation (`eval_temperature`, greedy by default) and apps.
 - Dr. GRPO's constant normaliser is the leader's `max_tokens` budget.
 - Optional SFT warm-up is rejection-sampled: correct leader completions of the team itself (or of a
   given trace store), not curated leader data.

@@ -4,6 +4,9 @@ import os as _os
 
 # litellm fetches a remote cost map on import unless told not to; with no network that blocks for seconds.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Nothing reaches the network on its own: the Hugging Face libraries (TRL's trainers among them) stay
+# offline unless the user allows them with HF_HUB_OFFLINE=0 (benchmark data from the hub needs that).
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.1.0"
 

@@ -22,16 +22,19 @@ from mlpo_agents.trainers.mlpo import MLPOConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pseudo_score(task, text):
-    """1.0 for about half of the texts, fixed per text."""
-    return float(hashlib.sha256(text.encode()).digest()[0] % 2)
+def pseudo_score(task, text, **_):
+    """1.0 for about half of the texts, fixed per text (in `score_detail`'s shape)."""
+    from mlpo_agents.rewards import RewardResult
+
+    value = float(hashlib.sha256(text.encode()).digest()[0] % 2)
+    return RewardResult(value, text[-20:], "correct" if value else "wrong")
 
 
 @pytest.fixture
 def pseudo_reward(monkeypatch):
     import mlpo_agents.runner
 
-    monkeypatch.setattr(mlpo_agents.runner, "score", pseudo_score)
+    monkeypatch.setattr(mlpo_agents.runner, "score_detail", pseudo_score)
 
 
 def config(out, **kw):
@@ -82,7 +85,7 @@ def straight_run(tmp_path_factory):
     import mlpo_agents.runner
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(mlpo_agents.runner, "score", pseudo_score)
+    patch.setattr(mlpo_agents.runner, "score_detail", pseudo_score)
     out = tmp_path_factory.mktemp("straight")
     result = train(config(out, steps=4, save_every=2))
     patch.undo()
@@ -266,7 +269,7 @@ def test_peer_pool_reuses_proposals_and_eval_and_sft_run(tmp_path, pseudo_reward
         "step 2 reuses both questions' 2 peers"
     )
     assert set(result.evaluation) == {"before", "after"}
-    assert set(result.evaluation["after"]) == {"team_accuracy", "solo_accuracy"}
+    assert {"team_accuracy", "solo_accuracy", "team_correct", "solo_correct"} <= set(result.evaluation["after"])
     assert any("sft/loss" in r for r in result.history)
     store = TraceStore(tmp_path / "traces.sqlite")
     # Step 1 samples from the SFT adapter (published as step-0); its peers drew P=2 samples for the pool.

@@ -36,3 +36,20 @@ def test_loopback_and_unix_sockets_work(tmp_path):
             client.connect(path)
     assert all(is_local(socket.AF_INET, (h, 1)) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "::ffff:127.0.0.1"))
     assert not any(is_local(socket.AF_INET, (h, 1)) for h in ("10.0.0.1", "huggingface.co", "mermaid.ink"))
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("0", "0")])
+def test_the_package_keeps_hugging_face_offline_unless_told(given, seen):
+    """TRL's trainers call the hub on their own when HF_HUB_OFFLINE is unset (the guard caught it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    if given is not None:
+        env["HF_HUB_OFFLINE"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", "import os, mlpo_agents; print(os.environ['HF_HUB_OFFLINE'])"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == seen

@@ -200,6 +200,7 @@ def test_wheel_without_its_member_is_an_integrity_error(tmp_path, parse_spy):
 def test_missing_qwen_download_says_run_make_setup_qwen(tmp_path, monkeypatch):
     monkeypatch.setenv("MLPO_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("MLPO_QWEN_CODER_PATH", raising=False)
+    monkeypatch.setattr(zoo, "_cache", {})  # a model loaded earlier in this process stays in memory
     assert (
         zoo.base_model_id("qwen2.5-coder")
         == zoo.base_model_id("Qwen/Qwen2.5-Coder-0.5B-Instruct")

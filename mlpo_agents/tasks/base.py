@@ -141,7 +141,10 @@ def hub_rows(
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
         "HF_DATASETS_OFFLINE", "0"
     ) not in ("", "0"):
-        raise TaskError(f"cannot load {where_name}: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; {hint}")
+        raise TaskError(
+            f"cannot load {where_name}: the hub is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE; mlpo-agents sets "
+            f"HF_HUB_OFFLINE=1 unless you set it yourself: HF_HUB_OFFLINE=0 allows the download); {hint}"
+        )
     try:
         socket.create_connection((HUB_HOST, 443), timeout=3).close()
     except OSError as e:

@@ -140,6 +140,7 @@ def main() -> None:
         group_size=args.group_size,
         questions_per_step=args.questions_per_step,
         train_questions=2000,
+        pool_samples=1,  # the paper pools 4 samples per peer; 1 keeps peer sampling at a quarter on a CPU
         lr=args.lr,
         format_weight=args.format_weight,
         format_reward=args.format_reward,

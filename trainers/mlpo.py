@@ -21,7 +21,7 @@ Fidelity — deviations from the paper, and why (each a named option where it is
 - The easy-question filter (`easy_threshold`, paper 0.75) uses the first rollout's leader group (G
   samples) as the team's solve rate, after that step's update; the paper removes questions whose
   pre-generated peer answers are right >= 75% of the time, before training. Not yet the paper's.
-- `pool_samples` = 1 sample per peer is kept in the pool by default; the paper keeps 4 (one flag away).
+- `pool_samples` = 4 samples per peer are pooled, as in the paper; the CPU learning example uses 1.
 - `rounds` = 1 in training and evaluation by default (the team file's `params.rounds`); the paper
   evaluates with up to T = 5 rounds. With rounds > 1, later-round leader calls are trained on too.
 - SFT warm-up (`sft_steps`) is off by default; the paper's main result is SFT warm-up + MLPO.
@@ -90,7 +90,7 @@ class MLPOConfig(PolicyGradientConfig):
     """Offline mode: passes over the recorded groups."""
     peer_pool: bool = True
     """Reuse each question's round-0 peer proposals after the first time (pooled_peers topology)."""
-    pool_samples: int = 1
+    pool_samples: int = 4
     """P: samples per peer kept in the pool (each later episode uses one of them)."""
     easy_threshold: float | None = 0.75
     """Skip questions whose first rollout solved >= this fraction (None disables the filter)."""

@@ -8,14 +8,15 @@ runs one small step, and traces, eval and train outputs go to the temporary fold
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DATA = ROOT.parent / "shared" / "data"
-"""The benchmark folder the Makefile points MLPO_DATA_DIR at (commands that default to gsm8k read it)."""
+DATA = Path(os.environ.get("MLPO_DATA_DIR") or ROOT.parent / "shared" / "data")
+"""The benchmark folder: $MLPO_DATA_DIR (the Makefile sets it), else ../shared/data beside the repository."""
 
 SKIP = {
     "make": "creates the venv, installs packages or runs every test tier (setup, minutes)",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +17,8 @@ from mlpo_agents import sandbox
 from mlpo_agents.rewards import REWARD_FAILED, RewardResult, build_program, score_detail
 from mlpo_agents.sandbox import run_tests
 from mlpo_agents.tasks import Task, load_task
+from tests._commands import DATA  # noqa: E402 - $MLPO_DATA_DIR, else ../shared/data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data folder not found")
 
 HUMANEVAL = Task(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -17,10 +16,8 @@ from mlpo_agents.rewards import (
     score_detail,
 )
 from mlpo_agents.tasks import Task, load_task
+from tests._commands import DATA  # noqa: E402 - $MLPO_DATA_DIR, else ../shared/data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data folder not found")
 
 

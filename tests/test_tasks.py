@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mlpo_agents.tasks import TASKS, Task, TaskError, load_task
 from mlpo_agents.tasks.bbh import SUBSETS
 from mlpo_agents.tasks.mmlu import SUBJECTS
+from tests._commands import DATA  # noqa: E402 - $MLPO_DATA_DIR, else ../shared/data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="benchmark data folder not found")
 
 

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add their own subcommand with `add_subcommand(subparsers)`. They import heavy
 # dependencies (torch, vllm clients) inside their command functions, so `mlpo --help` stays fast.
 PLUGGED_COMMANDS: tuple[str, ...] = (
-    "mlpo_agents.evaluate", "mlpo_agents.trainers.loop", "mlpo_agents.trainers.recipe", "mlpo_agents.serve",
+    "mlpo_agents.evaluate", "mlpo_agents.trainers.loop", "mlpo_agents.trainers.recipe_plan", "mlpo_agents.serve",
 )  # fmt: skip
 
 

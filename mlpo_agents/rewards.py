@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
-from .sandbox import TestedProgram, run_tests
+from .judge import TestedProgram, run_tests
 
 if TYPE_CHECKING:
     from .tasks.base import Task

@@ -9,7 +9,6 @@ The SQLite file is whole on disk after every run and on close (the write-ahead l
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -20,15 +19,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from mlpo_agents.trace_check import (
+    TraceStoreError,
+    check_columns,
+    check_sqlite,
+    refuse_read_only,
+    sqlite_problem,
+)
+
 EpisodeStatus = Literal["running", "done", "degraded", "failed", "interrupted"]
 """`interrupted`: the run that wrote it was killed and a later `--resume` restarted its task row."""
 
 FINISHED: tuple[EpisodeStatus, ...] = ("done", "degraded")
 """Statuses of an episode that produced a team answer: what `--resume` skips and summaries score."""
-
-
-class TraceStoreError(ValueError):
-    """A trace store that cannot be used as it is (corrupted, another app's file, read-only); says the fix."""
 
 
 def new_id() -> str:
@@ -170,7 +173,8 @@ class TraceStore:
     """Append-only event log in one SQLite file (WAL, one transaction per `append` batch).
 
     Opening checks the file before anything is written to it: a corrupted file, another application's
-    database, a store missing columns or a read-only file raises `TraceStoreError` and is left untouched.
+    database, a store missing columns or a read-only file raises `TraceStoreError` and is left untouched
+    (the checks are in `mlpo_agents.trace_check`).
     Subclasses change the connection and the SQL dialect only (`PostgresTraceStore`).
     """
 
@@ -189,62 +193,28 @@ class TraceStore:
 
     def _connect(self, path: str) -> Any:
         if path != ":memory:" and self.path.exists():
-            _refuse_read_only(self.path)
+            refuse_read_only(self.path)
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as e:
             raise TraceStoreError(f"cannot open the trace store {path} ({e}); pass another --traces path") from None
         try:
             if path != ":memory:":
-                self._check_sqlite(db)
+                check_sqlite(db, self.path, self.where, TABLES)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
             db.close()
-            raise TraceStoreError(_sqlite_problem(self.path, e)) from None
+            raise TraceStoreError(sqlite_problem(self.path, e)) from None
         except TraceStoreError:
             db.close()
             raise
         return db
 
-    def _check_sqlite(self, db: sqlite3.Connection) -> None:
-        """Read-only checks of an existing file: intact, ours (or empty), writable. Raises TraceStoreError."""
-        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
-        if problems != ["ok"]:
-            found = " ".join("; ".join(problems).split())[:200]
-            raise TraceStoreError(
-                f"the trace store {self.path} is corrupted ({found}); "
-                "restore it from a backup or pass a new --traces path"
-            )
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                  if not r[0].startswith("sqlite_")]
-        ours = set(TABLES.values())
-        if tables and not ours & set(tables):
-            raise TraceStoreError(
-                f"{self.path} is not a trace store (it holds the tables {', '.join(sorted(tables)[:5])} of "
-                "another application); pass a new --traces path"
-            )
-        self._check_columns({t: {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t in ours & set(tables)})
-        # A write that is rolled back: fails on a file SQLite could only open read-only, changes nothing.
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            db.execute(f"PRAGMA user_version = {int(version)}")
-        finally:
-            db.execute("ROLLBACK")
-
     def _check_columns(self, columns: dict[str, set[str]]) -> None:
         """Refuse a store whose tables lack columns this version writes (`columns`: table -> its columns)."""
-        for cls, table in TABLES.items():
-            if table not in columns:
-                continue
-            missing = [f.name for f in fields(cls) if f.name not in columns[table]]
-            if missing:
-                raise TraceStoreError(
-                    f"{self.where} is not a trace store of this version: table {table} lacks the columns "
-                    f"{', '.join(missing)}; pass a new --traces path"
-                )
+        check_columns(columns, self.where, TABLES)
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the store file, so the `.sqlite` file alone holds every event."""
@@ -412,35 +382,6 @@ class TraceStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _refuse_read_only(path: Path) -> None:
-    """A file without write permission (even for root) or a folder SQLite cannot add its -wal file to."""
-    if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
-        raise TraceStoreError(
-            f"the trace store {path} is read-only; make it writable (chmod u+w {path}) or pass another --traces path"
-        )
-    if not os.access(path.parent, os.W_OK):
-        raise TraceStoreError(
-            f"the folder of the trace store {path} is read-only (SQLite writes {path.name}-wal beside it); "
-            "make it writable or pass another --traces path"
-        )
-
-
-def _sqlite_problem(path: Path, error: sqlite3.DatabaseError) -> str:
-    """One line for an SQLite error met while opening `path`: what is wrong and what to do."""
-    if "readonly" in str(error):
-        return f"the trace store {path} is read-only ({error}); make it writable or pass another --traces path"
-    if "locked" in str(error) or "busy" in str(error):
-        return f"the trace store {path} is locked by another process ({error}); retry, or pass another --traces path"
-    try:
-        with open(path, "rb") as f:
-            is_sqlite = f.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        return f"cannot open the trace store {path} ({error}); pass another --traces path"
-    if is_sqlite:
-        return f"the trace store {path} is corrupted ({error}); restore it from a backup or pass a new --traces path"
-    return f"{path} is not a trace store (not an SQLite file: {error}); pass another --traces path"
 
 
 def open_store(url: str | Path) -> TraceStore:

@@ -53,11 +53,18 @@ def block_commands(block: str) -> list[str]:
     return out
 
 
+DATA_FREE_TASKS = ("arithmetic", "word_problems")
+"""Tasks generated in code; every other task reads the benchmark folder."""
+
+
 def skip_reason(command: str) -> str | None:
     """Why a command is not run (None: it runs)."""
     for prefix, reason in SKIP.items():
         if command.startswith(prefix):
             return f"{prefix}: {reason}"
+    named = {t.split(":")[0] for group in re.findall(r"--tasks?[ =]([\w,:]+)", command) for t in group.split(",")}
+    if not DATA.is_dir() and named - set(DATA_FREE_TASKS):
+        return f"needs the benchmark folder ($MLPO_DATA_DIR, else {DATA}), which is not there"
     return None
 
 

@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from mlpo_agents import sandbox
+from mlpo_agents import judge, sandbox
+from mlpo_agents.judge import run_tests
 from mlpo_agents.rewards import REWARD_FAILED, RewardResult, build_program, score_detail
-from mlpo_agents.sandbox import run_tests
 from mlpo_agents.tasks import Task, load_task
 from tests._commands import DATA  # noqa: E402 - $MLPO_DATA_DIR, else ../shared/data
 
@@ -225,9 +225,9 @@ def test_plain_data_crosses_the_pipe_and_nothing_else_does():
         frozenset({1}), range(3), collections.Counter("abca"), collections.OrderedDict(a=1), collections.deque([1]),
     ]  # fmt: skip
     for value in values:
-        decoded = sandbox._decode(json.loads(json.dumps(sandbox._encode(value))))
+        decoded = judge._decode(json.loads(json.dumps(judge._encode(value))))
         assert decoded == value and type(decoded) is type(value), value
-    assert list(sandbox._decode(sandbox._encode(iter([1, 2])))) == [1, 2]
+    assert list(judge._decode(judge._encode(iter([1, 2])))) == [1, 2]
     for forged in ({"$": "object", "v": []}, {"$": "tuple", "v": 1}, {"x": 1}, {"$": "dict", "v": [[1]]}):
         with pytest.raises(ValueError):
-            sandbox._decode(forged)
+            judge._decode(forged)

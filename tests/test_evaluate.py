@@ -12,8 +12,9 @@ from mlpo_agents.report import wilson_interval
 from mlpo_agents.tasks import load_task
 from mlpo_agents.testing import ScriptedModel, register_scripted_provider
 from mlpo_agents.trace import TraceStore
+from tests._commands import DATA  # noqa: E402 - $MLPO_DATA_DIR, else ../shared/data
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark folder {DATA} not found")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,6 +36,7 @@ def test_wilson_interval_matches_hand_computed_values():
     assert wilson_interval(1, 1)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)
 
 
+@needs_data
 def test_eval_two_teams_two_tasks_on_tiny_writes_results_and_plots(tmp_path, capsys):
     args = [
         "--teams",
@@ -74,6 +76,7 @@ def test_eval_two_teams_two_tasks_on_tiny_writes_results_and_plots(tmp_path, cap
 FAILING = {"on": True}
 
 
+@needs_data
 def test_resume_skips_finished_rows_and_the_table_still_counts_them(tmp_path):
     rows = load_task("arithmetic", data_dir=DATA, limit=4, seed=0)
     gold = {t.question: t.answer for t in rows}
@@ -124,6 +127,7 @@ def test_resume_skips_finished_rows_and_the_table_still_counts_them(tmp_path):
     assert main(eval_args(tmp_path, *args, "--tasks", "arithmetic")) == 2
 
 
+@needs_data
 def test_bad_task_name_lists_the_valid_names_before_running_anything(tmp_path, capsys):
     assert main(eval_args(tmp_path, "--teams", "tiny", "--tasks", "gsm8k,gsm9k")) == 2
     err = capsys.readouterr().err

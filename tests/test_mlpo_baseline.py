@@ -7,7 +7,8 @@ import json
 import pytest
 
 from mlpo_agents.config import load_team
-from mlpo_agents.trainers.mlpo import BASELINE, MLPOConfig, baseline_fingerprint, load_baseline
+from mlpo_agents.trainers.mlpo import MLPOConfig
+from mlpo_agents.trainers.mlpo_eval import BASELINE, baseline_fingerprint, load_baseline
 
 
 def saved_run(tmp_path, config: MLPOConfig, team) -> object:

@@ -8,19 +8,16 @@ import pytest
 import yaml
 
 from mlpo_agents.cli import main
+from mlpo_agents.trainers.estimates import activation_bytes, lora_param_count, param_count, train_memory
 from mlpo_agents.trainers.recipe import (
     RECIPES,
     Launch,
     ModelShape,
     RecipeError,
-    activation_bytes,
     check_recipe,
-    format_plan,
-    lora_param_count,
-    param_count,
     resolved_team,
-    train_memory,
 )
+from mlpo_agents.trainers.recipe_plan import format_plan
 
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 

@@ -14,7 +14,8 @@ from mlpo_agents import cli
 from mlpo_agents.runner import run_team
 from mlpo_agents.tasks.base import Task
 from mlpo_agents.testing import ScriptedModel, scripted_team
-from mlpo_agents.trace import Episode, TraceStore, TraceStoreError
+from mlpo_agents.trace import Episode, TraceStore
+from mlpo_agents.trace_check import TraceStoreError
 from tests.test_trace import make_call
 
 TASK = Task(id="t/0", question="What is 2+2?", answer="4", kind="math", meta={})
@@ -124,11 +125,13 @@ def test_an_unusable_store_is_refused_with_the_fix_and_left_untouched(tmp_path, 
 @pytest.mark.parametrize("kind", list(BAD_STORES))
 def test_mlpo_run_prints_one_line_and_loads_no_model(tmp_path, kind, capsys, monkeypatch):
     import mlpo_agents.models
+    import mlpo_agents.team  # imported first, so it binds the real client and the patch below is undone for it too
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model client was built before the store was checked")
 
     monkeypatch.setattr(mlpo_agents.models, "ModelClient", no_model)
+    monkeypatch.setattr(mlpo_agents.team, "ModelClient", no_model)
     path = tmp_path / "traces.sqlite"
     BAD_STORES[kind][0](path)
     before = sha(path)

@@ -129,7 +129,7 @@ def test_resume_marks_running_episodes_interrupted(open_fresh):
 def test_postgres_tables_missing_columns_are_refused(pg_admin_url):
     import psycopg
 
-    from mlpo_agents.trace import TraceStoreError
+    from mlpo_agents.trace_check import TraceStoreError
 
     name = f"traces_{next(_db_numbers)}"
     with psycopg.connect(pg_admin_url, autocommit=True) as db:

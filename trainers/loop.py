@@ -360,7 +360,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     """`mlpo train`: build the config, run the trainer, print where the results are."""
     if getattr(args, "recipe", None):
-        from mlpo_agents.trainers.recipe import cmd_train_recipe
+        from mlpo_agents.trainers.recipe_plan import cmd_train_recipe
 
         return cmd_train_recipe(args)
     if getattr(args, "dry_run", False):

@@ -6,7 +6,7 @@ step samples G leader completions per question (the team graph's sampling fan-ou
 one group id), scores them, and makes one GRPO update of the leader's LoRA adapter with Dr. GRPO
 advantages (reward minus group mean, no std) and PPO clipping. The new adapter is saved and hot-loaded
 into the engine that serves the leader, so the next step samples from it. Entry points: `MLPOConfig`,
-`train` (the loop), `online_steps` / `offline_steps` (what one step does), `evaluate` (team and solo).
+`train` (the loop), `online_steps` / `offline_steps` (what one step does); `mlpo_eval.evaluate` (team and solo).
 
 Fidelity — deviations from the paper, and why (each a named option where it is a choice):
 - LoRA instead of full fine-tuning (CPU budget); the trained adapter is what the engine serves.
@@ -162,7 +162,7 @@ class TrainResult:
     """The final adapter folder (peft format)."""
     steps: int
     evaluation: dict[str, dict[str, Any]]
-    """{"before": {...}, "after": {...}}: team and solo accuracy on held-out questions (see `evaluate`)."""
+    """{"before": {...}, "after": {...}}: team and solo accuracy on held-out questions (see `mlpo_eval.evaluate`)."""
     history: list[dict[str, Any]]
     wall_s: float
 
@@ -323,102 +323,6 @@ def batch_metrics(batch: Any) -> dict[str, float]:
     }
 
 
-# ------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate(
-    policy: Policy, team: Any, config: MLPOConfig, *, label: str, state: dict[str, Any]
-) -> dict[str, Any]:
-    """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1.
-
-    Accuracy is the strict answer rule (what trains); `*_lenient_accuracy` is the lenient figure, and
-    `*_correct` maps each task id to its strict outcome (for paired tests). The peers answer each
-    held-out question once (an evaluation pool kept in `state["eval_pool"]`): every evaluation of a run
-    shows the leader the same proposals, so before and after differ only by the leader.
-    """
-    from mlpo_agents.graphs import build_topology
-    from mlpo_agents.graphs.pooled_peers import PeerPool
-    from mlpo_agents.trace import TraceStore
-
-    tasks = load_split(config, "test", config.eval_questions)
-    store = TraceStore(Path(config.out) / "eval_traces.sqlite")
-    pool = PeerPool.from_json(state["eval_pool"]) if state.get("eval_pool") else PeerPool()
-    out: dict[str, Any] = {"questions": len(tasks)}
-    for name, peers in (("team", int(team.params.get("peers", 0))), ("solo", 0)):
-        params = {**team.params, "peers": peers, "leader_samples": 1}
-        eval_team = seeded_team(
-            team.model_copy(update={"params": params, "name": f"{team.name}-{name}-{label}"}),
-            step_seed(config.seed, -1),
-            leader_temperature=config.eval_temperature,
-        )
-        if peers and team.topology == "leader_peers":
-            graph = build_topology("mlpo_agents.graphs.pooled_peers:build_pooled_peers", **params, pool=pool)
-        else:
-            graph = build_topology(team.topology, **params)
-        summary = rollout(policy, eval_team, tasks, store, graph, task_name=config.task)
-        out[f"{name}_accuracy"] = summary.accuracy
-        out[f"{name}_lenient_accuracy"] = summary.lenient_accuracy
-        out[f"{name}_correct"] = {r.task_id: r.reward for r in summary.results if r.status != "failed"}
-    state["eval_pool"] = pool.to_json()
-    store.close()
-    return out
-
-
-BASELINE = "baseline.json"
-"""Where a run keeps its untrained evaluation, the evaluation peer pool and what they depend on."""
-
-
-def baseline_fingerprint(config: MLPOConfig, team: Any) -> dict[str, Any]:
-    """Everything the untrained evaluation depends on. The leader's own sampling temperature is left out:
-    evaluation replaces it with `eval_temperature`."""
-    dumped = team.model_dump(mode="json", exclude={"name"})
-    leader = dumped.get("roles", {}).get("leader", {})
-    leader.get("sampling", {}).pop("temperature", None)
-    fields = ("task", "task_options", "data_dir", "eval_questions", "seed", "eval_temperature")
-    return {**{f: getattr(config, f) for f in fields}, "team": dumped}
-
-
-def load_baseline(folder: str | Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(before evaluation, evaluation pool) of the run in `folder`, checked against `fingerprint`.
-
-    Reads `<folder>/baseline.json`; a run from before that file existed serves through its latest
-    checkpoint and logged `config.json`.
-    """
-    from mlpo_agents.config import load_team
-    from mlpo_agents.trainers.loop import Checkpointer
-
-    folder = Path(folder)
-    if (folder / BASELINE).exists():
-        saved = json.loads((folder / BASELINE).read_text())
-        theirs, before, pool = saved["fingerprint"], saved["before"], saved["eval_pool"]
-    else:
-        checkpoint = Checkpointer(folder).latest()
-        if checkpoint is None or not (folder / "config.json").exists():
-            raise ValueError(
-                f"baseline_from={folder}: no {BASELINE} and no checkpoint with config.json there; "
-                "point it at the folder of an MLPO run that evaluated before training"
-            )
-        logged = json.loads((folder / "config.json").read_text())
-        known = {f.name for f in dataclasses.fields(MLPOConfig)}
-        theirs = baseline_fingerprint(
-            MLPOConfig(**{k: v for k, v in logged.items() if k in known and k not in ("offline", "resume")}),
-            load_team(logged["team"]),
-        )
-        before, pool = checkpoint.state["evaluation"]["before"], checkpoint.state["eval_pool"]
-    differ = sorted(k for k in set(fingerprint) | set(theirs) if fingerprint.get(k) != theirs.get(k))
-    if differ:
-        raise ValueError(
-            f"baseline_from={folder} was evaluated with other settings ({', '.join(differ)} differ); "
-            "its untrained evaluation does not apply: drop baseline_from or match those settings"
-        )
-    return before, pool
-
-
-def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The scalar part of an evaluation, as `eval/...` log metrics."""
-    return {f"eval/{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
-
-
 # ------------------------------------------------------------------------------------------- SFT warm-up
 
 
@@ -486,6 +390,13 @@ def train(config: MLPOConfig) -> TrainResult:
     """Run MLPO (online or offline) as configured; returns the final adapter, evaluation and history."""
     from mlpo_agents.config import load_team
     from mlpo_agents.trace import TraceStore
+    from mlpo_agents.trainers.mlpo_eval import (
+        BASELINE,
+        baseline_fingerprint,
+        eval_metrics,
+        evaluate,
+        load_baseline,
+    )
 
     start = time.perf_counter()
     out = Path(config.out)

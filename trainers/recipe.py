@@ -5,32 +5,16 @@ servers (leader, peers), the team routed to them (a team file whose `api_base`s 
 placeholders), the trainer config (algorithm + fields of MLPOConfig / MAGRPOConfig / MALTConfig), the
 accelerate launch (processes, DDP or FSDP, mixed precision) and the trace store (a `postgresql://` URL
 from an environment variable, so many rollout workers can write to it). `check_recipe` validates it all
-without loading a model or contacting a server, and `format_plan` prints the plan: the servers to
-start, the trainer config, the batch shapes of one optimizer step and a memory estimate per GPU.
-`mlpo recipe check NAME` and `mlpo train --recipe NAME --dry-run` print it; tests/test_recipes.py
+without loading a model or contacting a server, including that the layout fits the GPUs by the memory
+estimates of `trainers/estimates.py`. `trainers/recipe_plan.py` prints the plan (`format_plan`: the
+servers to start, the trainer config, the batch shapes of one optimizer step and a memory estimate per
+GPU) for `mlpo recipe check NAME` and `mlpo train --recipe NAME --dry-run`; tests/test_recipes.py
 dry-runs every shipped recipe so they cannot rot.
-
-The memory estimate (bytes; every figure is an estimate, not a measurement):
-- parameters, from the model's shape (config.json): P = V*h*(1 if tied else 2)
-  + L*(h*(q + 2*kv*d) + q*h + 3*h*I + 2*h) + h, with q = heads*d (biases left out: < 0.01%).
-- LoRA on every linear layer (peft "all-linear", the project's default) with rank r:
-  P_lora = L*r*((h + q) + 2*(h + kv*d) + (q + h) + 3*(h + I)).
-- a vLLM server reserves gpu_memory_utilization * GPU memory on each of its GPUs: bf16 weights 2*P/tp,
-  LoRA slots max_loras * 2*P_lora(max_lora_rank)/tp, and the rest is KV cache (an upper bound: vLLM
-  also keeps activation and CUDA-graph memory in it), 2*L*kv*d*2/tp bytes per token.
-- a training process: bf16 base weights 2*P per trained copy (MAGRPO keeps one copy per agent),
-  LoRA weights + gradients + AdamW moments in fp32 16*P_lora, activations of one micro-batch of m rows
-  of T tokens with gradient checkpointing m*T*(2*L*h + 2*(4*h + 3*I) + 8*V) (one bf16 hidden state per
-  layer, one layer recomputed, fp32 logits and their gradient), without checkpointing
-  m*T*(2*L*(6*h + 3*I) + 8*V). FSDP (FULL_SHARD) divides weights and LoRA states by the process count.
-  CUDA context, allocator fragmentation and NCCL buffers are not counted (keep a few GiB free).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -41,11 +25,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlpo_agents.config import TeamConfig
+from mlpo_agents.trainers.estimates import (
+    GIB,
+    TrainMemory,
+    param_count,
+    role_budgets,
+    server_memory,
+    step_shapes,
+    train_memory,
+)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 """The shipped recipes (`recipes/` at the top of the repository)."""
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-GIB = 1 << 30
 TRAINED_ROLES = {
     "mlpo": lambda c: ("leader",),
     "magrpo": lambda c: tuple(c.agents),
@@ -184,92 +176,6 @@ class Recipe(_Strict):
     """accelerate launch of the update."""
     store: Store
     """Trace store."""
-
-
-# ------------------------------------------------------------------------------------------- memory (pure)
-
-
-def param_count(m: ModelShape) -> int:
-    """P: parameters of a decoder-only transformer with a gated MLP (biases left out)."""
-    q = m.heads * m.head_dim
-    per_layer = m.hidden * (q + 2 * m.kv_heads * m.head_dim) + q * m.hidden + 3 * m.hidden * m.intermediate
-    return (
-        m.vocab * m.hidden * (1 if m.tied_embeddings else 2)
-        + m.layers * (per_layer + 2 * m.hidden)
-        + m.hidden
-    )
-
-
-def lora_param_count(m: ModelShape, r: int) -> int:
-    """P_lora: LoRA A and B of rank r on every linear layer of every block (peft "all-linear")."""
-    q, h = m.heads * m.head_dim, m.hidden
-    return m.layers * r * ((h + q) + 2 * (h + m.kv_heads * m.head_dim) + (q + h) + 3 * (h + m.intermediate))
-
-
-def activation_bytes(m: ModelShape, rows: int, tokens: int, checkpointing: bool) -> int:
-    """Activations of one micro-batch of `rows` rows of `tokens` tokens (see the module docstring)."""
-    layers = (
-        2 * m.layers * m.hidden + 2 * (4 * m.hidden + 3 * m.intermediate)
-        if checkpointing
-        else (2 * m.layers * (6 * m.hidden + 3 * m.intermediate))
-    )
-    return rows * tokens * (layers + 8 * m.vocab)
-
-
-def kv_bytes_per_token(m: ModelShape, tp: int) -> int:
-    """bf16 K and V of one token on one GPU of a tensor-parallel group of `tp`."""
-    return 2 * m.layers * m.kv_heads * m.head_dim * 2 // tp
-
-
-@dataclass
-class ServerMemory:
-    """A vLLM server's memory on each of its GPUs (bytes)."""
-
-    reserved: float
-    weights: float
-    lora_slots: float
-    kv_cache: float
-    kv_tokens: int
-
-
-def server_memory(s: Server, m: ModelShape, gpu_bytes: float) -> ServerMemory:
-    """What a server reserves per GPU and how much of it is left for the KV cache."""
-    tp = len(s.gpus)
-    reserved = s.gpu_memory_utilization * gpu_bytes
-    weights = 2 * param_count(m) / tp
-    lora = s.max_loras * 2 * lora_param_count(m, s.max_lora_rank) / tp if s.enable_lora else 0.0
-    kv = reserved - weights - lora
-    return ServerMemory(reserved, weights, lora, kv, max(0, int(kv // kv_bytes_per_token(m, tp))))
-
-
-@dataclass
-class TrainMemory:
-    """A training process's memory (bytes)."""
-
-    weights: float
-    lora_states: float
-    activations: float
-    micro_rows: int
-    row_tokens: int
-
-    @property
-    def total(self) -> float:
-        """Sum of the three terms."""
-        return self.weights + self.lora_states + self.activations
-
-
-def train_memory(
-    m: ModelShape, *, copies: int, r: int, micro_rows: int, row_tokens: int, launch: Launch
-) -> TrainMemory:
-    """One process: `copies` bf16 base copies, their LoRA states in fp32 + AdamW, one micro-batch."""
-    shard = launch.num_processes if launch.strategy == "fsdp" else 1
-    return TrainMemory(
-        weights=copies * 2 * param_count(m) / shard,
-        lora_states=copies * 16 * lora_param_count(m, r) / shard,
-        activations=activation_bytes(m, micro_rows, row_tokens, launch.gradient_checkpointing),
-        micro_rows=micro_rows,
-        row_tokens=row_tokens,
-    )
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -485,33 +391,6 @@ def role_server(recipe: Recipe, role: str) -> Server:
     return next(s for s in recipe.servers if (s.served_name, s.api_base) == key)
 
 
-# ------------------------------------------------------------------------------------------- shapes
-
-
-def role_budgets(recipe: Recipe) -> dict[str, tuple[int, int, str]]:
-    """Trained role -> (prompt budget, completion budget, how the prompt budget adds up), from the team."""
-    team, q = recipe.team, recipe.question_tokens
-
-    def out(role: str) -> int:
-        return team.role(role).sampling.max_tokens
-
-    if recipe.trainer.algo == "mlpo":
-        peers = [out(f"peer-{i}") for i in range(1, int(team.params.get("peers", 0)) + 1)]
-        how = f"question {q} + peers {' + '.join(map(str, peers)) or '0'}"
-        return {"leader": (q + sum(peers), out("leader"), how)}
-    if recipe.trainer.algo == "magrpo":
-        return {
-            "drafter": (q, out("drafter"), f"question {q}"),
-            "solver": (q + out("drafter"), out("solver"), f"question {q} + draft {out('drafter')}"),
-        }
-    g, v = out("generator"), out("verifier")
-    return {
-        "generator": (q, g, f"question {q}"),
-        "verifier": (q + g, v, f"question {q} + answer {g}"),
-        "refiner": (q + g + v, out("refiner"), f"question {q} + answer {g} + critique {v}"),
-    }
-
-
 def _check_budgets(recipe: Recipe, config: Any) -> list[str]:
     problems = []
     for role, (prompt, completion, _) in role_budgets(recipe).items():
@@ -530,67 +409,7 @@ def _check_budgets(recipe: Recipe, config: Any) -> list[str]:
     return problems
 
 
-@dataclass
-class StepShape:
-    """The rows one optimizer step trains on, for one trained unit (an agent, or a role's SFT/DPO phase)."""
-
-    unit: str
-    rows: int
-    """Rows (completions) per optimizer step, over all processes."""
-    row_tokens: int
-    """T: longest row (prompt + completion budget, capped by max_len)."""
-    rows_per_process: int
-    micro_rows: int
-    """Rows per forward/backward on one process."""
-    micro_batches: int
-    """Forward/backward passes per process per optimizer step (gradient accumulation)."""
-    how: str
-    """How `rows` adds up."""
-
-    @property
-    def tokens(self) -> int:
-        """Upper bound of tokens per optimizer step."""
-        return self.rows * self.row_tokens
-
-
-def step_shapes(recipe: Recipe, config: Any) -> list[StepShape]:
-    """Batch shapes of one optimizer step per trained unit."""
-    n = recipe.launch.num_processes
-    budgets = role_budgets(recipe)
-
-    def tokens(role: str) -> int:
-        prompt, completion, _ = budgets[role]
-        return min(prompt + completion, config.max_len or prompt + completion)
-
-    def shape(unit: str, role: str, rows: int, micro: int, how: str) -> StepShape:
-        per = math.ceil(rows / n)
-        return StepShape(unit, rows, tokens(role), per, min(micro, per), math.ceil(per / micro), how)
-
-    algo, q = recipe.trainer.algo, getattr(config, "questions_per_step", 0)
-    if algo == "mlpo":
-        g = config.group_size
-        return [shape("leader", "leader", q * g, config.micro_batch_size, f"questions_per_step {q} x G {g}")]
-    if algo == "magrpo":
-        g = config.group_size
-        nodes = sum(g**t for t in range(config.turns))  # every joint action branches (no early termination)
-        shapes = []
-        for role in config.agents:
-            fan = g * g if config.joint_mode == "cross" and role == config.answer_role else g
-            how = f"questions_per_step {q} x nodes {nodes} x {'G^2' if fan != g else 'G'} {fan}"
-            shapes.append(shape(role, role, q * nodes * fan, config.micro_batch_size, how))
-        return shapes
-    shapes = []
-    for role in config.roles:
-        per = math.ceil(config.batch_size / n)
-        shapes.append(
-            shape(f"{role} SFT", role, config.batch_size, per, f"batch_size {config.batch_size} rows")
-        )
-        if role in config.dpo_roles:
-            rows = 2 * config.batch_size
-            shapes.append(
-                shape(f"{role} DPO", role, rows, 2 * per, f"batch_size {config.batch_size} pairs x 2")
-            )
-    return shapes
+# ------------------------------------------------------------------------------------------- layout
 
 
 def trained_copies(recipe: Recipe, config: Any) -> int:
@@ -629,208 +448,3 @@ def gpu_usage(recipe: Recipe, config: Any) -> dict[int, tuple[float, list[str]]]
     for gpu in recipe.launch.gpus[: recipe.launch.num_processes]:
         add(gpu, train, "training")
     return usage
-
-
-# ------------------------------------------------------------------------------------------- the plan
-
-
-def launch_gaps(recipe: Recipe) -> list[str]:
-    """What `mlpo train` does not do yet for this recipe (so it is a checked plan, not a launcher)."""
-    gaps = []
-    if any(not str(d["litellm_params"]["model"]).startswith("local/") for d in recipe.team.model_list):
-        gaps.append(
-            "trained roles are served by vLLM here, but the trainers hot-load adapters into the in-process "
-            "engine only (trainers/common.py role_spec refuses other deployments); serving them needs "
-            "VLLMServer.load_lora on the role's server"
-        )
-    gaps.append(
-        "the trainers open `traces` as an SQLite path (TraceStore); a postgresql:// URL needs trace.open_store"
-    )
-    if recipe.launch.num_processes > 1:
-        gaps.append(
-            "`mlpo train` runs one process: trainers/update.py policy_update takes an accelerate Accelerator "
-            "(DDP, tested on CPU in tests/test_mlpo.py), but train() does not create one yet, and FSDP is untested"
-        )
-    return gaps
-
-
-def _fmt_int(n: float) -> str:
-    return f"{int(n):,}"
-
-
-def format_plan(checked: Checked) -> str:
-    """The plan as text: servers, trainer config, launch, batch shapes, memory estimates, gaps."""
-    recipe, config = checked.recipe, checked.config
-    hw, launch = recipe.hardware, recipe.launch
-    gpu_bytes = hw.memory_gib * GIB
-    lines = [
-        f"recipe {recipe.name} ({checked.path}): {recipe.trainer.algo.upper()} on {hw.gpus} x {hw.gpu} "
-        f"({hw.memory_gib:g} GiB each)",
-        f"  paper: {recipe.paper}",
-        "",
-        "environment (read at launch; the dry run needs none of them):",
-    ]
-    for name, what in recipe.env.items():
-        lines.append(f"  {name:<24} {'set' if name in os.environ else 'unset'}  {what}")
-    lines += ["", "servers to start (vLLM 0.32):"]
-    for s in recipe.servers:
-        shape = recipe.models[s.model]
-        flags = [
-            f"--served-model-name {s.served_name}", f"--port {s.port}", "--dtype bfloat16",
-            f"--tensor-parallel-size {len(s.gpus)}", f"--gpu-memory-utilization {s.gpu_memory_utilization}",
-            f"--max-model-len {s.max_model_len}",
-        ]  # fmt: skip
-        env = f"CUDA_VISIBLE_DEVICES={','.join(map(str, s.gpus))}"
-        if s.enable_lora:
-            flags += ["--enable-lora", f"--max-lora-rank {s.max_lora_rank}", f"--max-loras {s.max_loras}"]
-            env += " VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
-        lines.append(f"  {s.name}: {env} vllm serve {shape.hf_id} {' '.join(flags)}")
-        lines.append(f"    team reaches it at {s.api_base} as hosted_vllm/{s.served_name}")
-    lines += ["", f"team {recipe.team.name}: topology {recipe.team.topology} {recipe.team.params}"]
-    for role, rc in recipe.team.roles.items():
-        lines.append(
-            f"  {role}: {rc.model}{' (trained)' if rc.trainable else ''}, temperature {rc.sampling.temperature}, "
-            f"max_tokens {rc.sampling.max_tokens}"
-        )
-    defaults = _dataclass_defaults(type(config))
-    changed = {k: v for k, v in dataclasses.asdict(config).items() if defaults.get(k, object()) != v}
-    lines += ["", f"trainer: {type(config).__name__} (fields that differ from the defaults)"]
-    lines += [f"  {k} = {v!r}" for k, v in changed.items()]
-    accelerate = [f"--num_processes {launch.num_processes}", f"--gpu_ids {','.join(map(str, launch.gpus))}",
-                  f"--mixed_precision {launch.mixed_precision}"]  # fmt: skip
-    accelerate.insert(
-        0, "--use_fsdp --fsdp_sharding_strategy FULL_SHARD" if launch.strategy == "fsdp" else "--multi_gpu"
-    )
-    lines += [
-        "",
-        f"launch (once the gaps at the end are closed): accelerate launch {' '.join(accelerate)} "
-        f"-m mlpo_agents.cli train --recipe {recipe.name}",
-        f"  {launch.strategy.upper()}, gradient checkpointing {'on' if launch.gradient_checkpointing else 'off'}",
-        f"trace store: {recipe.store.traces} (Postgres: every rollout worker writes to it)",
-        "",
-        "batch shapes per optimizer step (budgets are upper bounds):",
-    ]
-    budgets = role_budgets(recipe)
-    for role in TRAINED_ROLES[recipe.trainer.algo](config):
-        prompt, completion, how = budgets[role]
-        lines.append(f"  {role}: prompt <= {prompt} ({how}), completion <= {completion}")
-    if recipe.trainer.algo == "malt":
-        n = config.branching
-        lines.append(
-            f"  tree expansion: questions {config.questions} x (n + n^2 + n^3 = {n + n * n + n**3}) = "
-            f"{_fmt_int(config.questions * (n + n * n + n**3))} calls, n={n}"
-        )
-    for step in step_shapes(recipe, config):
-        lines.append(
-            f"  {step.unit}: rows = {step.how} = {step.rows}; tokens <= {step.rows} x T {step.row_tokens} = {_fmt_int(step.tokens)}; "
-            f"per process ({launch.num_processes}): {step.rows_per_process} rows = {step.micro_batches} micro-batch(es) "
-            f"of <= {step.micro_rows}"
-        )
-    lines += ["", "memory per GPU (ESTIMATES from the formulas; GiB = 2^30 bytes):"]
-    for name, shape in recipe.models.items():
-        lines.append(
-            f"  {name}: P = V*h*{1 if shape.tied_embeddings else 2} + L*(h*(q+2*kv*d) + q*h + 3*h*I + 2*h) + h "
-            f"= {param_count(shape) / 1e9:.2f}e9 parameters ({shape.hf_id})"
-        )
-    for s in recipe.servers:
-        shape = recipe.models[s.model]
-        served = server_memory(s, shape, gpu_bytes)
-        lines.append(
-            f"  GPU {','.join(map(str, s.gpus))} vLLM {s.name}: reserves {s.gpu_memory_utilization} x {hw.memory_gib:g} "
-            f"= {served.reserved / GIB:.1f} GiB: weights 2*P/tp {served.weights / GIB:.1f}"
-            + (
-                f", LoRA slots max_loras*2*P_lora(r={s.max_lora_rank})/tp {served.lora_slots / GIB:.2f}"
-                if s.enable_lora
-                else ""
-            )
-            + f", KV cache <= {served.kv_cache / GIB:.1f} GiB = {_fmt_int(served.kv_tokens)} tokens at "
-            f"2*L*kv*d*2/tp = {kv_bytes_per_token(shape, len(s.gpus))} B/token "
-            f"(~{served.kv_tokens // s.max_model_len} sequences of {s.max_model_len})"
-        )
-    shape, mem = trained_shape(recipe, config), process_memory(recipe, config)
-    copies, shard = trained_copies(recipe, config), launch.num_processes if launch.strategy == "fsdp" else 1
-    act = "m*T*(2*L*h + 2*(4*h+3*I) + 8*V)" if launch.gradient_checkpointing else "m*T*(2*L*(6*h+3*I) + 8*V)"
-    div = f"/{shard}" if shard > 1 else ""
-    lines += [
-        f"  GPU {','.join(map(str, launch.gpus[: launch.num_processes]))} training, per process:",
-        f"    base weights bf16 {copies} x 2*P{div} = {mem.weights / GIB:.1f} GiB",
-        f"    LoRA weights+grads+AdamW fp32 {copies} x 16*P_lora{div} = {mem.lora_states / GIB:.2f} GiB "
-        f"(P_lora = L*r*((h+q) + 2*(h+kv*d) + (q+h) + 3*(h+I)) = {_fmt_int(lora_param_count(shape, config.lora_r))}, "
-        f"r={config.lora_r})",
-        f"    activations {act}, m={mem.micro_rows}, T={mem.row_tokens}: {mem.activations / GIB:.1f} GiB",
-        f"    total ~{mem.total / GIB:.1f} GiB of {hw.memory_gib:g} (not counted: CUDA context, fragmentation, NCCL buffers)",
-        "  per GPU: "
-        + "; ".join(
-            f"{gpu}: {used / GIB:.1f}" for gpu, (used, _) in sorted(gpu_usage(recipe, config).items())
-        )
-        + f" GiB of {hw.memory_gib:g}",
-    ]
-    gaps = launch_gaps(recipe)
-    if gaps:
-        lines += ["", "not wired yet (why this is a checked plan, not a launcher):"]
-        lines += [f"  - {g}" for g in gaps]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def cmd_train_recipe(args: argparse.Namespace) -> int:
-    """`mlpo train --recipe NAME --dry-run`: flags and --set override trainer fields; prints the plan."""
-    from mlpo_agents.trainers.loop import COMMON_FLAGS
-
-    owned = [f"--{name}" for name in RECIPE_OWNED if getattr(args, name, None) is not None]
-    if owned:
-        raise RecipeError(f"--recipe sets the team and the trace store itself; drop {', '.join(owned)}")
-    overrides = {name: getattr(args, name) for name in COMMON_FLAGS if getattr(args, name, None) is not None}
-    overrides.update({flag: True for flag in ("resume", "offline") if getattr(args, flag, False)})
-    overrides.update(overrides_from_sets(args.set))
-    checked = check_recipe(args.recipe, overrides)
-    if args.algo not in ("mlpo", checked.recipe.trainer.algo):  # "mlpo" is --algo's default
-        raise RecipeError(
-            f"--algo {args.algo}: recipe {checked.recipe.name} trains with {checked.recipe.trainer.algo}"
-        )
-    if not args.dry_run:
-        gaps = "; ".join(launch_gaps(checked.recipe))
-        raise RecipeError(
-            f"recipe {checked.recipe.name} is a checked plan for now ({gaps}); add --dry-run to print it"
-        )
-    print(format_plan(checked))
-    return 0
-
-
-def cmd_recipe(args: argparse.Namespace) -> int:
-    """`mlpo recipe check NAME|PATH` (or list): validate on CPU and print the plan."""
-    if args.action == "list":
-        for path in sorted(RECIPES.glob("*.yaml")):
-            print(path.stem)
-        return 0
-    if not args.name:
-        raise RecipeError("mlpo recipe check needs a recipe name or path (`mlpo recipe list` shows them)")
-    print(format_plan(check_recipe(args.name, overrides_from_sets(args.set))))
-    return 0
-
-
-def overrides_from_sets(items: list[str] | None) -> dict[str, Any]:
-    """`--set field=value` items as trainer-field overrides (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RecipeError(f"--set {item!r}: use field=value, e.g. --set group_size=16")
-        out[key.replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
-def add_subcommand(subparsers: Any) -> None:
-    """Add `mlpo recipe` to the `mlpo` command line."""
-    p = subparsers.add_parser(
-        "recipe",
-        help="check a GPU recipe on CPU and print its plan (servers, batch shapes, memory estimate)",
-        description="Validates a recipe (recipes/<name>.yaml or a path) without loading a model or contacting "
-        "a server, and prints the plan. Same as `mlpo train --recipe NAME --dry-run`.",
-    )
-    p.add_argument("action", choices=["check", "list"])
-    p.add_argument("name", nargs="?", default=None, help="recipe name (recipes/<name>.yaml) or path")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a trainer config field")
-    p.set_defaults(func=cmd_recipe)

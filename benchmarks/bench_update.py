@@ -18,6 +18,10 @@ right after the TRL run in the same process (the machine may be shared: run it t
 
     python benchmarks/bench_update.py                       # SmolLM2-135M, B=8 (G=4), 64 + 64 tokens
     python benchmarks/bench_update.py --model tiny-test     # seconds, for a smoke run
+    python benchmarks/bench_update.py --prompt-tokens 512   # MLPO's shape: G samples share a long leader prompt
+
+A third row times `policy_update(share_prefix=False)` (each row's prompt forwarded on its own) on the
+same batch, so the shared-prefix gain is measured side by side.
 """
 
 from __future__ import annotations
@@ -185,7 +189,7 @@ def to_trajectory_batch(
 
 
 def run_ours(
-    model: Any, optimizer: Any, batch: TrajectoryBatch, steps: int, micro_batch: int
+    model: Any, optimizer: Any, batch: TrajectoryBatch, steps: int, micro_batch: int, share_prefix: bool = True
 ) -> dict[str, list]:
     """`steps` timed `policy_update` calls on one batch."""
     record: dict[str, list] = {"update_s": [], "tokens": []}
@@ -199,6 +203,7 @@ def run_ours(
             max_grad_norm=1.0,
             aggregation="token",
             clip_eps=0.2,
+            share_prefix=share_prefix,
         )
         record["update_s"].append(metrics["update_s"])
         record["tokens"].append(int(metrics["trained_tokens"]))
@@ -242,6 +247,9 @@ def main() -> None:
         trl["batches"][0], copy.deepcopy(ours_model).eval(), args.group_size, tokenizer.pad_token_id or 0
     )
     ours = run_ours(ours_model, optimizer, batch, args.warmup + args.steps, args.micro_batch)
+    plain_model = lora_model(args.model, settings, args.seed)
+    plain_optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=LR)
+    plain = run_ours(plain_model, plain_optimizer, batch, args.warmup + args.steps, args.micro_batch, False)
 
     def rate(update_s: list[float], tokens: list[int]) -> float:
         return sum(tokens) / sum(update_s)
@@ -262,7 +270,9 @@ def main() -> None:
         f"policy_update   : {ours_rate:8.1f} trained tok/s  (update {sum(ours_s) / len(ours_s):.2f} s/step over "
         f"{len(ours_s)} steps)"
     )
-    print(f"ratio ours / TRL: {ours_rate / trl_rate:.2f}x")
+    plain_rate = rate(plain["update_s"][args.warmup :], plain["tokens"][args.warmup :])
+    print(f"  share_prefix=False: {plain_rate:8.1f} trained tok/s (each row's prompt forwarded on its own)")
+    print(f"ratio ours / TRL: {ours_rate / trl_rate:.2f}x  (share_prefix=False: {plain_rate / trl_rate:.2f}x)")
 
 
 if __name__ == "__main__":

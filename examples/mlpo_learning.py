@@ -124,6 +124,10 @@ def main() -> None:
     parser.add_argument("--peer-tokens", type=int, default=96)
     parser.add_argument("--sft-steps", type=int, default=0, help="SFT warm-up steps on correct leader samples")
     parser.add_argument(
+        "--solo-fraction", type=float, default=0.0, help="share of each step's questions sampled without peers"
+    )
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward (G: one prompt pass)")
+    parser.add_argument(
         "--baseline-from", default=None, help="reuse the untrained evaluation of an earlier run with the same settings"
     )
     parser.add_argument("--max-steps", type=int, default=500, help="upper bound; --minutes usually stops first")
@@ -145,6 +149,8 @@ def main() -> None:
         format_weight=args.format_weight,
         format_reward=args.format_reward,
         sft_steps=args.sft_steps,
+        solo_fraction=args.solo_fraction,
+        micro_batch_size=args.micro_batch,
         leader_temperature=args.leader_temperature,
         baseline_from=args.baseline_from,
         eval_questions=args.eval_questions,

@@ -94,6 +94,10 @@ class MLPOConfig(PolicyGradientConfig):
     """P: samples per peer kept in the pool (each later episode uses one of them)."""
     easy_threshold: float | None = 0.75
     """Skip questions whose first rollout solved >= this fraction (None disables the filter)."""
+    solo_fraction: float = 0.0
+    """Share of each step's questions whose G leader samples are drawn with no peers (the leader alone, as
+    `mlpo_eval` measures it), trained in the same update. 0 = the paper (team context only); > 0 keeps the
+    leader's solo skill in the objective, so training on the team does not trade it away."""
     sft_steps: int = 0
     """SFT warm-up optimizer steps (TRL SFTTrainer) on correct leader completions before GRPO; 0 = off."""
     sft_questions: int = 32
@@ -136,6 +140,8 @@ class MLPOConfig(PolicyGradientConfig):
             problems.append("reward_name='format': the format reward is added with format_weight")
         if self.format_reward not in ("format", "answered"):
             problems.append(f"format_reward={self.format_reward!r}: use format or answered")
+        if not 0 <= self.solo_fraction < 1:
+            problems.append(f"solo_fraction={self.solo_fraction}: must be in [0, 1)")
         if self.easy_threshold is not None and not 0 < self.easy_threshold <= 1:
             problems.append(f"easy_threshold={self.easy_threshold}: must be in (0, 1] or None")
         if (
@@ -540,30 +546,39 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
             )
         return chosen
 
+    solo_count = min(round(config.questions_per_step * config.solo_fraction), config.questions_per_step - 1)
+    if solo_count and team.topology != "leader_peers":
+        raise ValueError(f"solo_fraction needs the leader_peers topology (peers=0 is the leader alone), not {team.topology!r}")
+    solo_graph = build_topology(team.topology, **{**params, "peers": 0}) if solo_count else None
+
     def step(n: int) -> dict[str, Any]:
         tasks = next_questions()
+        solo, tasks = tasks[:solo_count], tasks[solo_count:]
         pool.pick = n  # each reuse shows another pooled peer sample when pool_samples > 1
         hits = pool.hits
         t0 = time.perf_counter()
-        summary = rollout(
-            policy,
-            seeded_team(team, step_seed(config.seed, n), leader_temperature=config.leader_temperature),
-            tasks,
-            store,
-            graph,
-            task_name=config.task,
+        seeded = seeded_team(team, step_seed(config.seed, n), leader_temperature=config.leader_temperature)
+        summary = rollout(policy, seeded, tasks, store, graph, task_name=config.task)
+        solo_summary = (
+            rollout(policy, seeded, solo, store, solo_graph, task_name=config.task) if solo else None
         )
         rollout_s = time.perf_counter() - t0
-        batch = episode_batch(store, summary, [t.id for t in tasks], policy)
+        order = [t.id for t in solo + tasks]
+        batch = episode_batch(store, merged(summary, solo_summary), order, policy)
         rates = solve_rates(store, summary)
         if config.easy_threshold is not None:
             easy.update(task_id for task_id, rate in rates.items() if rate >= config.easy_threshold)
         state["easy"], state["pool"] = sorted(easy), pool.to_json()
         metrics = update(policy, batch, max_tokens)
+        extra = {}
+        if solo_summary is not None:
+            solo_rates = solve_rates(store, solo_summary)
+            extra["reward/correct_solo"] = sum(solo_rates.values()) / max(len(solo_rates), 1)
         return {
             **metrics,
             **batch_metrics(batch),
             "reward/correct": sum(rates.values()) / max(len(rates), 1),
+            **extra,
             "rollout_s": rollout_s,
             "team_accuracy_train": summary.accuracy,
             "easy_questions": len(easy),
@@ -571,6 +586,13 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
         }
 
     return step
+
+
+def merged(summary: Any, other: Any | None) -> Any:
+    """The episode results of two rollouts, as one summary-like object for `episode_batch`."""
+    from types import SimpleNamespace
+
+    return summary if other is None else SimpleNamespace(results=[*other.results, *summary.results])
 
 
 def solve_rates(store: Any, summary: Any) -> dict[str, float]:

@@ -57,13 +57,53 @@ def _micro_batches(rows: int, micro_batch_size: int, rank: int, world: int) -> l
     return chunks + [[] for _ in range(count - len(chunks))]
 
 
-def sequence_logprobs(model: Any, mb: TrajectoryBatch, tempered_policy: bool = False) -> torch.Tensor:
+MIN_SHARED_PREFIX = 16
+"""A micro-batch whose rows share at least this many leading prompt tokens computes them once."""
+
+
+def shared_prefix_length(input_ids: torch.Tensor, limit: int) -> int:
+    """How many leading tokens (at most `limit`) every row of `input_ids` (B, L) has in common."""
+    if input_ids.shape[0] < 2 or limit <= 0:
+        return 0
+    same = (input_ids[:, :limit] == input_ids[:1, :limit]).all(dim=0)  # (limit,)
+    differs = (~same).nonzero()
+    return int(differs[0]) if len(differs) else limit
+
+
+def sequence_logprobs(
+    model: Any,
+    mb: TrajectoryBatch,
+    tempered_policy: bool = False,
+    *,
+    share_prefix: bool = True,
+    prefix_model: Any = None,
+) -> torch.Tensor:
     """(B, L) log p(token t | tokens < t) of `model` on a micro-batch (same alignment as `old_logprobs`).
 
-    With `tempered_policy`, p = softmax(logits / T_b) at each row's sampling temperature.
+    With `tempered_policy`, p = softmax(logits / T_b) at each row's sampling temperature. Only positions
+    from the shortest prompt's last token on get logits (`logits_to_keep`): earlier positions hold no
+    completion token, so their log-probs are 0, as the loss masks them anyway. With `share_prefix`, the
+    prompt tokens that all rows share (a GRPO group's G samples share their whole prompt) run through the
+    model once and their KV cache is repeated for every row, instead of once per row; gradients flow through
+    the shared forward, so the result and its gradient equal the plain forward's up to float rounding
+    (pinned by tests/test_update_fast.py). `prefix_model`: the module that runs the shared prefix (the
+    unwrapped model under DDP, so one DDP forward per backward); default `model`.
     """
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, L, V)
-    return token_logprobs(logits, mb.input_ids, mb.temperatures if tempered_policy else None)
+    ids, mask = mb.input_ids, mb.attention_mask  # (B, L)
+    width = ids.shape[1]
+    first = max(int(mb.prompt_lengths.min()) - 1, 0) if len(mb) else 0  # first position whose logits count
+    prefix = shared_prefix_length(ids, first) if share_prefix else 0
+    keep = width - first
+    if prefix >= MIN_SHARED_PREFIX:
+        cache = (prefix_model or model)(input_ids=ids[:1, :prefix], use_cache=True).cache
+        cache.batch_repeat_interleave(len(mb))
+        logits = model(
+            input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, logits_to_keep=keep
+        ).logits  # (B, keep, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, keep, V)
+    logp = token_logprobs(logits, ids[:, first:], mb.temperatures if tempered_policy else None)  # (B, keep)
+    return torch.nn.functional.pad(logp, (first, 0))
 
 
 def with_current_logprobs(
@@ -109,6 +149,7 @@ def policy_update(
     ref_model: Any = None,
     tempered_policy: bool = True,
     old_logprobs: OldLogprobs = "batch",
+    share_prefix: bool = True,
     **loss_kwargs: Any,
 ) -> dict[str, float]:
     """One optimizer step on `batch`; returns loss, grad norm, loss metrics and trained tokens/s.
@@ -117,7 +158,9 @@ def policy_update(
     and no `ref_model`, a peft model with its adapter disabled is the reference. `tempered_policy`: the
     policy (and the reference) is softmax(logits / T) at each row's sampling temperature; `old_logprobs`:
     the ratio's old logprobs are the batch's ("batch") or the detached current ones ("current"); see the
-    module docstring.
+    module docstring. `share_prefix`: rows' common prompt tokens run once per micro-batch (see
+    `sequence_logprobs`); micro-batches follow row order, so a group's rows share a micro-batch when
+    `micro_batch_size` divides G.
     """
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     if micro_batch_size < 1:
@@ -159,17 +202,19 @@ def policy_update(
         share = 0.0 if empty else float(mb.completion_mask.sum() if by_tokens else len(rows)) / float(total)
         sync = accelerator is None or i == len(chunks) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            logp = sequence_logprobs(model, mb, tempered_policy)  # (b, L)
+            logp = sequence_logprobs(
+                model, mb, tempered_policy, share_prefix=share_prefix, prefix_model=unwrapped
+            )  # (b, L)
             if old_logprobs == "current":
                 mb.old_logprobs = logp.detach()  # ratio exactly 1 (mb is this loop's own copy)
             ref_logp = None
             if use_ref:
                 with torch.no_grad():
                     if ref_model is not None:
-                        ref_logp = sequence_logprobs(ref_model, mb, tempered_policy)
+                        ref_logp = sequence_logprobs(ref_model, mb, tempered_policy, share_prefix=share_prefix)
                     else:
                         with unwrapped.disable_adapter():
-                            ref_logp = sequence_logprobs(unwrapped, mb, tempered_policy)
+                            ref_logp = sequence_logprobs(unwrapped, mb, tempered_policy, share_prefix=share_prefix)
             mb_loss, metrics = loss_fn(logp, mb, ref_logp=ref_logp, **loss_kwargs)
             scaled = mb_loss * share * world  # DDP averages over ranks: undo the 1/world
             if accelerator is not None:

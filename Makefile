@@ -7,7 +7,7 @@ export MLPO_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm setup-postgres setup-qwen demo test test-fast lint bench clean
+.PHONY: setup setup-vllm setup-postgres setup-browser setup-qwen demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ setup-postgres:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || \
 	  echo "could not install postgresql: the Postgres trace-store tests will be skipped (they fail under CI)"
 
+# Headless chromium + chromedriver for the `browser` tier (the `mlpo ui` page; Debian packages, needs root or sudo).
+setup-browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "could not install chromium: the browser tests will be skipped (they fail under CI)"
+
 # The default team beside its leader alone, on the same 40 held-out word problems, strict answer rule,
 # 95% intervals (about 4 minutes on 2 cores). ADAPTER=<folder of a trained leader> evaluates it instead.
 demo: setup
@@ -47,7 +53,7 @@ lint: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow and not vllm"
 
-test: setup setup-vllm setup-postgres setup-qwen lint
+test: setup setup-vllm setup-postgres setup-browser setup-qwen lint
 	$(VENV)/bin/pytest -q
 
 bench: setup

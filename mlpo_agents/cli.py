@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 # dependencies (torch, vllm clients) inside their command functions, so `mlpo --help` stays fast.
 PLUGGED_COMMANDS: tuple[str, ...] = (
     "mlpo_agents.evaluate", "mlpo_agents.trainers.loop", "mlpo_agents.trainers.recipe_plan", "mlpo_agents.serve",
+    "mlpo_agents.ui",
 )  # fmt: skip
 
 

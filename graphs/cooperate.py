@@ -11,9 +11,11 @@ mode for a sequential pair). Every solver call records `parent_call_id` = the dr
 Turn t > 0 (`turns` > 1): each joint action of turn t-1 whose answer scored below `threshold` (the
 task's grader, like the test feedback of the paper's code tasks) branches: the drafter sees its
 earlier draft, the solver's answer and that it was not accepted, and samples G new drafts (parent =
-that solver call); the solver answers each as in turn 0. A joint action that reaches the threshold
+that solver call); the solver answers each as in turn 0. The grade is the weighted call-level reward
+of the episode's rubric (`TeamContext.scorer`; by default the task's `correct`), and the runner records
+those same results instead of scoring the answers again. A joint action that reaches the threshold
 ends its branch (early termination), so the rollout is a tree of at most G^turns leaves (aligned).
-Without a task (a free-form question) nothing is scored and every branch continues.
+Without a rubric (a free-form question not given one) nothing is scored and every branch continues.
 
 The team's answer follows the main line: joint action 0 at turn 0 (draft sample 0, answer sample
 0), then its own sample-0 child while it has one. `scores` holds every graded solver call.
@@ -24,6 +26,7 @@ answer; a failed answer ends its branch (both are in `failures` and the trace).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from langgraph.graph import END, START, StateGraph
@@ -31,7 +34,7 @@ from langgraph.runtime import Runtime
 
 from mlpo_agents.graphs.nodes import agent_node, fan_out_each, find_turn, join, require, turns_of, user
 from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
-from mlpo_agents.rewards import score
+from mlpo_agents.rubric import rubric_for, turn_completion
 
 ROLES = ("drafter", "solver")
 
@@ -143,14 +146,23 @@ def main_line(state: dict[str, Any]) -> Turn | None:
 
 
 def grade_node(graded: bool) -> Any:
-    """A node grading this turn's answers with the task (when `graded`), setting the team answer, advancing the turn."""
+    """A node grading this turn's answers with the rubric (when `graded`), setting the team answer, advancing the turn."""
 
-    def grade(state: dict[str, Any], runtime: Runtime[TeamContext]) -> dict[str, Any]:
-        task = runtime.context.task
+    async def grade(state: dict[str, Any], runtime: Runtime[TeamContext]) -> dict[str, Any]:
+        ctx = runtime.context
+        scorer = ctx.scorer
+        if scorer is None and ctx.task is not None:  # run outside the runner: the task's rubric
+            scorer = rubric_for(ctx.task).scorer(ctx.task)
         answers = this_turn(state, "solver")
-        scores = {
-            t["call_id"]: score(task, t["text"], truncated=t.get("truncated", False)) if graded and task is not None else None for t in answers
-        }
+
+        def grades() -> dict[str, float | None]:
+            return {
+                t["call_id"]: scorer.total(turn_completion(t, state), "call") if graded and scorer else None
+                for t in answers
+            }
+
+        # A thread, as the runner scores: math-verify and code sandboxes must not block the event loop.
+        scores = await asyncio.to_thread(grades)
         line = main_line({**state, "scores": {**state.get("scores", {}), **scores}})
         return {
             "scores": scores,

@@ -16,7 +16,7 @@ from langgraph.graph import START, StateGraph
 from langgraph.runtime import Runtime
 
 from mlpo_agents.graphs.leader_peers import leader_done, leader_prompt, peer_prompt
-from mlpo_agents.graphs.nodes import agent_ids, agent_node, fan_out, require, round_loop
+from mlpo_agents.graphs.nodes import agent_ids, agent_node, fan_out, require, round_loop, vote
 from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
 
 
@@ -103,3 +103,25 @@ def build_pooled_peers(
     g.add_edge("leader", "aggregate")
     g.add_conditional_edges("aggregate", round_loop(rounds, to_peers), ["peer", "__end__"])
     return g.compile(checkpointer=checkpointer, name="pooled_peers")
+
+
+def peer_vote(state: dict[str, Any]) -> dict[str, Any]:
+    """The team answer of a peers-only episode: the majority of every pooled peer sample's answer."""
+    turns = [t for t in state.get("turns", []) if t["role"] == "peer"]
+    return {"round": 1, "answer": vote(t["answer"] for t in turns)}
+
+
+def build_peer_fill(
+    peers: int = 3, pool: PeerPool | None = None, pool_samples: int | None = None, checkpointer: Any = None
+) -> TeamGraph:
+    """K peers only, filling `pool` (MLPO's pre-generation pass): each peer samples `pool_samples` answers
+    once per question; the episode's answer is their majority vote, and each sample's correctness is
+    recorded like any call's, which is what MLPO's easy-question filter reads before training."""
+    require(peers >= 1, f"peers={peers}: filling a peer pool needs at least 1 peer")
+    pool = pool if pool is not None else PeerPool()
+    g = StateGraph(TeamState, context_schema=TeamContext)
+    g.add_node("peer", pooled_peer_node(pool, pool_samples))
+    g.add_node("vote", peer_vote)
+    g.add_conditional_edges(START, fan_out("peer", agent_ids("peer", peers)), ["peer"])
+    g.add_edge("peer", "vote")
+    return g.compile(checkpointer=checkpointer, name="peer_fill")

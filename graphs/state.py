@@ -15,6 +15,7 @@ from langgraph.graph.state import CompiledStateGraph
 
 if TYPE_CHECKING:
     from mlpo_agents.models import ModelClient
+    from mlpo_agents.rubric import Scorer
     from mlpo_agents.tasks.base import Task
 
 
@@ -86,5 +87,8 @@ class TeamContext:
     """The task row of this episode (None for free-form questions)."""
     instruction: str = "Think step by step, then put the final answer in <answer></answer>."
     """How agents are told to format the final answer (set from the task's answer format)."""
+    scorer: Scorer | None = None
+    """How this episode's outputs are scored (the runner sets it from the rubric; None: nothing is scored).
+    A topology grading outputs mid-episode (`cooperate`) uses it, so the runner does not score them again."""
     extra: dict[str, Any] = field(default_factory=dict)
     """User data for custom topologies."""

@@ -21,7 +21,9 @@ from mlpo_agents.config import ConfigError, TeamConfig
 from mlpo_agents.graphs import build_topology
 from mlpo_agents.graphs.state import TeamContext
 from mlpo_agents.models import ModelClient
-from mlpo_agents.rewards import RewardResult, answer_prompt, format_reward, score_detail
+from mlpo_agents.rewards import RewardResult, answer_prompt
+from mlpo_agents.rubric import Rubric, Scorer, rubric_for, team_completion, turn_completion
+from mlpo_agents.rubric import score_answer as score_answer  # moved to `rubric`; still importable from here
 from mlpo_agents.tasks.base import Task
 from mlpo_agents.trace import FINISHED, Episode, Failure, Reward, TraceStore, new_id
 
@@ -34,11 +36,14 @@ class EpisodeResult:
     task_id: str
     answer: str | None
     reward: float
-    """Strict correctness of the team answer (0.0, with no reward recorded, for a free-form question)."""
+    """The rubric's weighted sum of the team answer's rewards: with the default rubric, its strict
+    correctness (0.0, with no reward recorded, for a free-form question)."""
     status: str
     state: dict[str, Any] = field(default_factory=dict)
     lenient_reward: float | None = None
     """Correctness under the lenient rule (None when the topology gives no lenient answer)."""
+    rewards: dict[str, float] = field(default_factory=dict)
+    """The team answer's rewards by name (the rubric's episode-level entries; empty when nothing was scored)."""
 
 
 @dataclass
@@ -82,16 +87,9 @@ def task_fingerprint(task: Task) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def score_answer(task: Task, answer: str | None) -> RewardResult:
-    """Correctness of an extracted final answer (no answer scores 0, recorded as such)."""
-    if answer is None:
-        return RewardResult(0.0, None, "no_answer")
-    return score_detail(task, f"<answer>{answer}</answer>")
-
-
 def reward_event(episode_id: str, name: str, result: RewardResult, call_id: str | None = None) -> Reward:
     """A reward event that keeps why: the reason, the answer judged, and whether the checker failed."""
-    meta: dict[str, Any] = {"reason": result.reason}
+    meta: dict[str, Any] = {"reason": result.reason} if result.reason else {}
     if result.extracted is not None:
         meta["extracted"] = result.extracted[:200]
     if result.failed:
@@ -99,38 +97,45 @@ def reward_event(episode_id: str, name: str, result: RewardResult, call_id: str 
     return Reward(episode_id, name, result.value, call_id=call_id, meta=meta)
 
 
-def score_episode(task: Task, state: dict[str, Any], episode_id: str, score_roles: Sequence[str]) -> list[Reward]:
-    """Reward events of a finished episode: the team answer (strict, and lenient where the topology
-    gives one, under its own name) and, per scored turn, correctness (strict), format (one `<answer>`
-    block) and answered (the turn gives an answer under the strict rule, right or wrong)."""
-    events = [reward_event(episode_id, "correct", score_answer(task, state.get("answer")))]
-    if "answer_lenient" in state:
-        events.append(reward_event(episode_id, "correct_lenient", score_answer(task, state["answer_lenient"])))
+def score_episode(
+    task: Task, state: dict[str, Any], episode_id: str, score_roles: Sequence[str],
+    rubric: Rubric | None = None, scorer: Scorer | None = None,
+) -> list[Reward]:
+    """Reward events of a finished episode under `rubric` (default: the task's, `Rubric.for_task`): its
+    episode-level entries for the team answer, then its call-level entries per turn of `score_roles`.
+
+    The default rubric records the team answer's `correct` (strict) and `correct_lenient` (where the
+    topology gives a lenient answer), and per scored turn `correct`, `format` (one `<answer>` block) and
+    `answered` (the turn gives an answer under the strict rule, right or wrong). `scorer` (one per
+    episode, e.g. the one a topology graded with) scores each distinct output once.
+    """
+    scorer = scorer or rubric_for(task, rubric).scorer(task)
+    team = scorer.score(team_completion(task, state, score_roles, episode_id), "episode")
+    events = [reward_event(episode_id, name, result) for name, result in team.items()]
     for turn in state.get("turns", []):
         if turn["role"] in score_roles:
-            result = score_detail(task, turn["text"], truncated=turn.get("truncated", False))
-            events.append(reward_event(episode_id, "correct", result, call_id=turn["call_id"]))
-            events.append(Reward(episode_id, "format", format_reward(turn["text"]), call_id=turn["call_id"]))
-            answered = 0.0 if result.reason == "no_answer" or result.failed else 1.0
-            events.append(Reward(episode_id, "answered", answered, call_id=turn["call_id"]))
+            scores = scorer.score(turn_completion(turn, state, episode_id), "call")
+            events += [reward_event(episode_id, name, r, call_id=turn["call_id"]) for name, r in scores.items()]
     return events
 
 
 async def run_episode(
     graph: Any, team: TeamConfig, client: ModelClient, store: TraceStore, task: Task, task_name: str,
     score_roles: Sequence[str], stream: Callable[[str, dict[str, Any]], None] | None = None,
-    episode_id: str | None = None,
+    episode_id: str | None = None, rubric: Rubric | None = None,
 ) -> EpisodeResult:
     """Run the team on one task row and record the episode, its calls, rewards and failures.
 
     With `episode_id` of an unfinished episode and a graph compiled with a checkpointer, the episode
-    continues from its last checkpoint instead of starting over.
+    continues from its last checkpoint instead of starting over. `rubric` scores it (default: the one
+    `rubric.use_rubric` set, else the task's, `Rubric.for_task`; a free-form question: nothing).
     """
     episode = Episode(episode_id or new_id(), task_name, task.id, team.name, team.topology,
                       meta={"params": team.params, "task_sha": task_fingerprint(task)})
     store.append(episode)
     free = task.kind == FREE_FORM
-    ctx = TeamContext(client=client, task=None if free else task)
+    scorer = rubric_for(task, rubric).scorer(task)
+    ctx = TeamContext(client=client, task=None if free else task, scorer=scorer if scorer.rubric.funcs else None)
     if not free:
         ctx.instruction = answer_prompt(task)
     config = {"configurable": {"episode_id": episode.episode_id, "thread_id": episode.episode_id}}
@@ -170,16 +175,17 @@ async def run_episode(
         return EpisodeResult(episode.episode_id, task.id, None, 0.0, "failed", state)
     answer = state.get("answer")
     # One thread hop per episode: math-verify and code sandboxes can block for a while.
-    if free:  # no gold answer: nothing to score (feedback rewards may come later)
+    if not scorer.rubric.funcs:  # e.g. a free-form question: no gold answer (feedback rewards may come later)
         events: list[Reward] = []
     else:
-        events = await asyncio.to_thread(score_episode, task, state, episode.episode_id, score_roles)
-    reward = events[0].value if events else 0.0
-    lenient = events[1].value if len(events) > 1 and events[1].name == "correct_lenient" else None
+        events = await asyncio.to_thread(score_episode, task, state, episode.episode_id, score_roles,
+                                         scorer=scorer)
+    rewards = {e.name: e.value for e in events if e.call_id is None}
     episode.status = "degraded" if state.get("failures") else "done"
     episode.final_answer, episode.finished_at = answer, time.time()
     store.append([*events, episode])
-    return EpisodeResult(episode.episode_id, task.id, answer, reward, episode.status, state, lenient)
+    return EpisodeResult(episode.episode_id, task.id, answer, scorer.rubric.total(rewards), episode.status, state,
+                         rewards.get("correct_lenient"), rewards)
 
 
 async def run_team(
@@ -196,27 +202,29 @@ async def run_team(
     stream: Callable[[str, dict[str, Any]], None] | None = None,
     graph: Any = None,
     checkpoints: str | Path | None = None,
+    rubric: Rubric | None = None,
 ) -> RunSummary:
     """Run `team` over `tasks` with at most `concurrency` episodes in flight.
 
     `checkpoints` is a SQLite file for LangGraph checkpoints: with it, `resume=True` continues
     interrupted multi-round episodes from their last finished step instead of restarting them.
+    `rubric` scores every episode (default: each task's own, `Rubric.for_task`; see `run_episode`).
     """
     if checkpoints is None:
         return await _run_team(team, tasks, store, task_name, client, concurrency, resume, progress,
-                               score_roles, stream, graph or build_topology(team.topology, **team.params))
+                               score_roles, stream, graph or build_topology(team.topology, **team.params), rubric)
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     async with AsyncSqliteSaver.from_conn_string(str(checkpoints)) as saver:
         graph = build_topology(team.topology, checkpointer=saver, **team.params)
         return await _run_team(team, tasks, store, task_name, client, concurrency, resume, progress,
-                               score_roles, stream, graph)
+                               score_roles, stream, graph, rubric)
 
 
 async def _run_team(
     team: TeamConfig, tasks: Sequence[Task], store: TraceStore, task_name: str, client: ModelClient | None,
     concurrency: int, resume: bool, progress: bool, score_roles: Sequence[str] | None,
-    stream: Callable[[str, dict[str, Any]], None] | None, graph: Any,
+    stream: Callable[[str, dict[str, Any]], None] | None, graph: Any, rubric: Rubric | None = None,
 ) -> RunSummary:
     if concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be >= 1")
@@ -237,7 +245,7 @@ async def _run_team(
     async def one(task: Task) -> None:
         async with gate:
             result = await run_episode(graph, team, client, store, task, task_name, roles, stream,
-                                       episode_id=unfinished.get(task.id))
+                                       episode_id=unfinished.get(task.id), rubric=rubric)
         summary.results.append(result)
         summary.episodes += result.status != "failed"
         summary.correct += result.reward

@@ -13,6 +13,7 @@
 Every call is one episode run by `runner.run_episode`, exactly as `mlpo run` runs a task row: the same
 Episode, ModelCall, Reward and Failure events in the team's trace store. A free-form question has no gold
 answer (`Task.kind == "free"`), so no correctness reward is recorded; give a `Task` to have it scored.
+`rubric=` (on `Team.load`, or per call) scores with your own reward functions (`mlpo_agents.rubric`).
 `samples=G` asks the leader for G answers to one prompt (one GRPO group, the OpenAI `n`): feedback on each
 of them (`feedback(..., sample=i)`) is what offline MLPO trains on (`MLPOConfig(reward_name="feedback")`).
 """
@@ -30,6 +31,7 @@ from typing import Any
 from mlpo_agents.config import ConfigError, TeamConfig, load_team
 from mlpo_agents.graphs import build_topology
 from mlpo_agents.models import ModelClient
+from mlpo_agents.rubric import Rubric
 from mlpo_agents.runner import FREE_FORM, RunSummary, run_episode, run_team
 from mlpo_agents.tasks.base import Task
 from mlpo_agents.trace import Episode, Reward, TraceStore, new_id, open_store
@@ -99,7 +101,10 @@ class TeamResult:
     samples: list[AgentTurn] = field(default_factory=list)
     """The answering agent's last call, one turn per sample (`samples=G`): the reply's choices."""
     reward: float | None = None
-    """Correctness of the answer for a `Task` with a gold answer; None for a free-form question."""
+    """The rubric's weighted reward of the answer (default rubric: its correctness for a `Task` with a
+    gold answer); None when nothing was scored (a free-form question without a rubric)."""
+    rewards: dict[str, float] = field(default_factory=dict)
+    """The answer's rewards by name, as recorded (e.g. `correct`, `correct_lenient`, your own)."""
 
     @property
     def text(self) -> str | None:
@@ -110,11 +115,14 @@ class TeamResult:
 class Team:
     """A team config, its model client, its trace store and its compiled graphs, ready to be asked."""
 
-    def __init__(self, config: TeamConfig, store: TraceStore, client: ModelClient | None = None):
+    def __init__(self, config: TeamConfig, store: TraceStore, client: ModelClient | None = None,
+                 rubric: Rubric | None = None):
         config.check_topology()
         self.config = config
         self.store = store
         self.client = client or ModelClient(config, store)
+        self.rubric = rubric
+        """What episodes are scored with unless a call gives its own (None: each task's default rubric)."""
         self._graphs: dict[tuple[tuple[str, Any], ...], Any] = {}
         self._answers: dict[str, list[str]] = {}  # episode id -> call ids of its samples (this process)
 
@@ -125,11 +133,14 @@ class Team:
         *,
         traces: str | Path | TraceStore = DEFAULT_TRACES,
         topology: str | None = None,
+        rubric: Rubric | None = None,
         **params: Any,
     ) -> Team:
         """A team from a built-in name, a YAML path or a TeamConfig; `topology` / `params` override the team's.
 
         A new `topology` starts from its own default parameters (the team's belong to its old topology).
+        `rubric` scores its episodes (default: each task's own, `Rubric.for_task`; a free-form question
+        is then not scored).
         """
         config = team if isinstance(team, TeamConfig) else load_team(team)
         if topology and topology != config.topology:
@@ -137,7 +148,7 @@ class Team:
         if params:
             config = config.with_overrides(**params)
         store = traces if isinstance(traces, TraceStore) else open_store(traces)
-        return cls(config, store)
+        return cls(config, store, rubric=rubric)
 
     @property
     def name(self) -> str:
@@ -178,11 +189,13 @@ class Team:
         samples: int | None = None,
         episode_id: str | None = None,
         task_name: str | None = None,
+        rubric: Rubric | None = None,
     ) -> AsyncGenerator[AgentTurn | AgentFailure | TeamResult, None]:
         """Run one episode, yielding each agent's turn (and failure) as its node finishes, then the TeamResult.
 
         `question` is a string or chat messages (the last user message is the question, the earlier ones
-        its context); `task` scores the answer against its gold answer. Closing the stream early cancels
+        its context); `task` scores the answer against its gold answer; `rubric` (default: the team's)
+        scores it with those reward functions, a free-form question too. Closing the stream early cancels
         the episode, which is then recorded `interrupted`.
         """
         row = self._task_row(question, task)
@@ -206,7 +219,8 @@ class Team:
                 return await run_episode(graph, self.config, self.client, self.store, row,
                                          task_name or (FREE_TASK_NAME if task is None else "task"),
                                          self.config.trainable_roles() or [self.answer_role],
-                                         stream=on_update, episode_id=episode_id)
+                                         stream=on_update, episode_id=episode_id,
+                                         rubric=rubric or self.rubric)
             finally:
                 events.put_nowait(None)
 
@@ -226,8 +240,9 @@ class Team:
         self._answers[outcome.episode_id] = [t.call_id for t in chosen]
         if len(self._answers) > ANSWERS_KEPT:  # older episodes are looked up in the store
             self._answers.pop(next(iter(self._answers)))
+        scored = outcome.status != "failed" and bool(outcome.rewards)
         yield TeamResult(outcome.episode_id, row.question, outcome.answer, outcome.status, turns, failures,
-                         chosen, None if task is None or outcome.status == "failed" else outcome.reward)
+                         chosen, outcome.reward if scored else None, dict(outcome.rewards))
 
     async def ainvoke(
         self,
@@ -237,10 +252,11 @@ class Team:
         samples: int | None = None,
         episode_id: str | None = None,
         task_name: str | None = None,
+        rubric: Rubric | None = None,
     ) -> TeamResult:
         """Run one episode and return its result (see `astream` for the arguments)."""
         async for event in self.astream(question, task=task, samples=samples, episode_id=episode_id,
-                                        task_name=task_name):
+                                        task_name=task_name, rubric=rubric):
             if isinstance(event, TeamResult):
                 return event
         raise RuntimeError("the episode ended without a result")  # unreachable: astream ends with one
@@ -255,6 +271,7 @@ class Team:
 
     async def arun(self, tasks: Sequence[Task], **options: Any) -> RunSummary:
         """Run the team over task rows, scored and resumable (what `mlpo run` does); options as `run_team`."""
+        options.setdefault("rubric", self.rubric)
         return await run_team(self.config, tasks, self.store, client=self.client, **options)
 
     # ---- feedback and versions -------------------------------------------------------------------

@@ -380,17 +380,17 @@ def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_a_few_tiny_steps_change_every_adapter_and_are_reproducible(tmp_path, monkeypatch):
-    import mlpo_agents.runner
+def test_a_few_tiny_steps_change_every_adapter_and_are_reproducible(tmp_path):
     from mlpo_agents.rewards import RewardResult
+    from mlpo_agents.rubric import Rubric, use_rubric
 
-    def parity(task, text, truncated=False):
-        value = parity_reward(task, text)
-        return RewardResult(value, text[-20:], "correct" if value else "wrong")
+    def parity(task, completion):
+        value = parity_reward(task, completion.text)
+        return RewardResult(value, completion.text[-20:], "correct" if value else "wrong")
 
-    monkeypatch.setattr(mlpo_agents.runner, "score_detail", parity)
-    first = train_tiny(tmp_path / "a")
-    second = train_tiny(tmp_path / "b")
+    with use_rubric(Rubric.for_kind("math").replace("correct", parity)):  # the rollouts' rubric
+        first = train_tiny(tmp_path / "a")
+        second = train_tiny(tmp_path / "b")
 
     assert first.steps == 2 and set(first.adapters) == set(AGENTS)
     for role in AGENTS:

@@ -194,16 +194,17 @@ def test_tree_from_a_scripted_gvr_run_has_8_leaves_with_the_right_parents(tmp_pa
 
 
 @pytest.fixture
-def mixed_rewards(monkeypatch):
+def mixed_rewards():
     """The random tiny model never solves arithmetic: grade by text length parity to get both labels."""
-    import mlpo_agents.runner as runner
     from mlpo_agents.rewards import RewardResult
+    from mlpo_agents.rubric import Rubric, use_rubric
 
-    def parity(task, text, truncated=False):
-        value = float(len(text) % 2)
-        return RewardResult(value, text[-20:], "correct" if value else "wrong")
+    def parity(task, completion):
+        value = float(len(completion.text) % 2)
+        return RewardResult(value, completion.text[-20:], "correct" if value else "wrong")
 
-    monkeypatch.setattr(runner, "score_detail", parity)
+    with use_rubric(Rubric.for_kind("math").replace("correct", parity)):  # every rollout is scored with it
+        yield
 
 
 def tiny_config(tmp_path: Path, **overrides) -> MALTConfig:

@@ -1,7 +1,7 @@
 """MLPO trainer on the tiny model: updates, reproducibility, resume, hot-reload, offline mode, errors, DDP.
 
-The tiny model is random and never answers arithmetic correctly, so the rollout tests replace the
-runner's scorer with a deterministic pseudo-reward of the completion text (the trainer is what is
+The tiny model is random and never answers arithmetic correctly, so the rollout tests score with a
+rubric whose `correct` is a deterministic pseudo-reward of the completion text (the trainer is what is
 under test, not the model's skill).
 """
 
@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mlpo_agents.rewards import RewardResult
+from mlpo_agents.rubric import Rubric, use_rubric
 from mlpo_agents.trace import ModelCall, Reward, TraceStore
 from mlpo_agents.trainers.loop import CheckpointError
 from mlpo_agents.trainers.mlpo import MLPOConfig, train
@@ -22,19 +24,20 @@ from mlpo_agents.trainers.mlpo import MLPOConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pseudo_score(task, text, **_):
-    """1.0 for about half of the texts, fixed per text (in `score_detail`'s shape)."""
-    from mlpo_agents.rewards import RewardResult
+def pseudo_score(task, completion):
+    """1.0 for about half of the texts, fixed per text."""
+    value = float(hashlib.sha256(completion.text.encode()).digest()[0] % 2)
+    return RewardResult(value, completion.text[-20:], "correct" if value else "wrong")
 
-    value = float(hashlib.sha256(text.encode()).digest()[0] % 2)
-    return RewardResult(value, text[-20:], "correct" if value else "wrong")
+
+PSEUDO = Rubric.for_kind("math").replace("correct", pseudo_score)
+"""The arithmetic tasks' rubric with the pseudo-reward as `correct`."""
 
 
 @pytest.fixture
-def pseudo_reward(monkeypatch):
-    import mlpo_agents.runner
-
-    monkeypatch.setattr(mlpo_agents.runner, "score_detail", pseudo_score)
+def pseudo_reward():
+    with use_rubric(PSEUDO):  # the trainer's rollouts are scored with it
+        yield
 
 
 def config(out, **kw):
@@ -82,13 +85,9 @@ def test_config_is_validated():
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """4 steps in one go, checkpoints at 2 and 4 (shared by several tests)."""
-    import mlpo_agents.runner
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(mlpo_agents.runner, "score_detail", pseudo_score)
     out = tmp_path_factory.mktemp("straight")
-    result = train(config(out, steps=4, save_every=2))
-    patch.undo()
+    with use_rubric(PSEUDO):
+        result = train(config(out, steps=4, save_every=2))
     return out, result
 
 
@@ -214,7 +213,7 @@ def test_offline_errors_are_clear(tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_training_from_a_run_team_store(tmp_path, pseudo_reward):
+def test_offline_training_from_a_run_team_store(tmp_path):
     from mlpo_agents.config import load_team
     from mlpo_agents.runner import run_team
     from mlpo_agents.tasks import load_task
@@ -229,6 +228,7 @@ def test_offline_training_from_a_run_team_store(tmp_path, pseudo_reward):
             store,
             task_name="arithmetic",
             progress=False,
+            rubric=PSEUDO,
         )
     )
     store.close()

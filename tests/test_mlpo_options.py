@@ -45,3 +45,35 @@ def test_solo_fraction_samples_some_questions_without_peers(tmp_path):
     step = next(r for r in result.history if r.get("step") == 1 and "batch/rows" in r)
     assert step["batch/rows"] == 6 and "reward/correct_solo" in step
     store.close()
+
+
+def test_pool_easy_filter_drops_easy_questions_before_training(tmp_path):
+    """The paper's filter: peers answer a new question first (filling the pool); a question whose pooled
+    answers are right >= easy_threshold of the time is never trained on."""
+    from mlpo_agents.rubric import Rubric, use_rubric
+
+    easy_ids: list[str] = []
+
+    def peers_right_on_the_first_question(task, completion):
+        if not easy_ids:
+            easy_ids.append(task.id)
+        return float(task.id == easy_ids[0] and completion.role == "peer")
+
+    with use_rubric(Rubric.for_kind("math").replace("correct", peers_right_on_the_first_question)):
+        train(tiny_config(tmp_path, easy_threshold=0.75, pool_samples=2, train_questions=3))
+    easy_ids_set = set(easy_ids)
+    store = TraceStore(tmp_path / "traces.sqlite")
+    trained = {e.task_id for e in store.episodes() if store.calls(episode_id=e.episode_id, role="leader")}
+    filled = {e.task_id for e in store.episodes() if not store.calls(episode_id=e.episode_id, role="leader")}
+    assert len(easy_ids_set) == 1 and easy_ids_set <= filled, "the easy question was pooled by a peers-only episode"
+    assert not easy_ids_set & trained and len(trained) == 2, "and never trained on; two others were"
+    fill_episode = next(e for e in store.episodes() if e.task_id in easy_ids_set)
+    assert {c.sampling.get("n") for c in store.calls(episode_id=fill_episode.episode_id, role="peer")} == {2}
+    store.close()
+
+
+def test_pool_filter_config_errors():
+    with pytest.raises(ValueError, match="easy_filter='peers'"):
+        MLPOConfig(easy_filter="peers")
+    with pytest.raises(ValueError, match="keep peer_pool=True"):
+        MLPOConfig(peer_pool=False)

@@ -386,6 +386,7 @@ def _training_args(config: MALTConfig, folder: Path, epochs: float, lr: float) -
         dataloader_num_workers=0,
         disable_tqdm=True,
         max_length=None,
+        gradient_checkpointing=False,  # TRL's default (True) recomputes activations: slower, and it stays on
         **saving,
     )
 

@@ -16,15 +16,17 @@ Fidelity — deviations from the paper, and why (each a named option where it is
   current logprobs when `update_epochs=1`, where the ratio is exactly 1 and clipping only acts from the
   second epoch on). Offline mode therefore treats recorded groups as on-policy for the ratio;
   `tempered_policy=False` differentiates the raw T = 1 policy against the recorded raw logprobs instead.
-- The peer pool fills lazily: a question's peers are sampled the first time it is drawn (normal
-  recorded calls) and reused afterwards, instead of one pre-generation pass over the whole train set.
-- The easy-question filter (`easy_threshold`, paper 0.75) uses the first rollout's leader group (G
-  samples) as the team's solve rate, after that step's update; the paper removes questions whose
-  pre-generated peer answers are right >= 75% of the time, before training. Not yet the paper's.
+- The peer pool fills as questions are first drawn (a peers-only episode per new question, `pool_samples`
+  answers per peer, recorded like any call) instead of one pass over the whole train set before training.
+  The easy-question filter (`easy_threshold` 0.75, `easy_filter="pool"`) reads those answers as in the
+  paper: a question whose pooled peer answers are right >= 75% of the time is dropped before it is ever
+  trained on. `easy_filter="leader"` uses the leader's first G samples instead (after that step's update).
 - `pool_samples` = 4 samples per peer are pooled, as in the paper; the CPU learning example uses 1.
 - `rounds` = 1 in training and evaluation by default (the team file's `params.rounds`); the paper
   evaluates with up to T = 5 rounds. With rounds > 1, later-round leader calls are trained on too.
-- SFT warm-up (`sft_steps`) is off by default; the paper's main result is SFT warm-up + MLPO.
+- SFT warm-up (`sft_steps`) is off by default; the paper's main result is SFT warm-up + MLPO, with curated
+  leader data this project does not have. The warm-up here is rejection-sampled (below), so it is opt-in.
+- `solo_fraction` (0, the paper) can mix leader-alone groups (no peers) into each update.
 - The reward reads the answer under the project's strict rule (a closed `<answer>` block, `\\boxed{}`,
   or a final-answer phrase ending an uncut reply); the paper reads the `<answer>` block.
 - Training rollouts sample the leader at `leader_temperature` (0.7); the team file's temperature
@@ -93,7 +95,11 @@ class MLPOConfig(PolicyGradientConfig):
     pool_samples: int = 4
     """P: samples per peer kept in the pool (each later episode uses one of them)."""
     easy_threshold: float | None = 0.75
-    """Skip questions whose first rollout solved >= this fraction (None disables the filter)."""
+    """Skip easy questions: those whose solve rate (see `easy_filter`) is >= this (None disables the filter)."""
+    easy_filter: str = "pool"
+    """What the solve rate is: `pool` (the paper) — the share of the question's K x P pooled peer answers that
+    are right, measured before the question is first trained on (a peers-only pass that fills the pool);
+    `leader` — the leader's first G samples of it, measured after that step's update."""
     solo_fraction: float = 0.0
     """Share of each step's questions whose G leader samples are drawn with no peers (the leader alone, as
     `mlpo_eval` measures it), trained in the same update. 0 = the paper (team context only); > 0 keeps the
@@ -140,6 +146,10 @@ class MLPOConfig(PolicyGradientConfig):
             problems.append("reward_name='format': the format reward is added with format_weight")
         if self.format_reward not in ("format", "answered"):
             problems.append(f"format_reward={self.format_reward!r}: use format or answered")
+        if self.easy_filter not in ("pool", "leader"):
+            problems.append(f"easy_filter={self.easy_filter!r}: use pool (the paper) or leader")
+        if self.easy_filter == "pool" and self.easy_threshold is not None and not self.peer_pool and not self.offline:
+            problems.append("easy_filter='pool' reads the peer pool: keep peer_pool=True or use easy_filter='leader'")
         if not 0 <= self.solo_fraction < 1:
             problems.append(f"solo_fraction={self.solo_fraction}: must be in [0, 1)")
         if self.easy_threshold is not None and not 0 < self.easy_threshold <= 1:
@@ -236,7 +246,9 @@ class Policy(TrainableLora):
 # ------------------------------------------------------------------------------------------- rollouts
 
 
-def rollout(policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any, *, task_name: str) -> Any:
+def rollout(
+    policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any, *, task_name: str, **options: Any
+) -> Any:
     """Run the team on `tasks` with the leader's current adapter; returns the runner's RunSummary."""
     return run_episodes(
         policy.client,
@@ -247,6 +259,7 @@ def rollout(policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any,
         concurrency=policy.config.concurrency,
         progress=False,
         graph=graph,
+        **options,
     )
 
 
@@ -362,6 +375,7 @@ def sft_warmup(policy: Policy, examples: list[Any]) -> dict[str, float]:
         max_length=None,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL's default (True) would stay on for the GRPO steps after it
     )
     trainer = SFTTrainer(
         model=policy.model,
@@ -529,16 +543,37 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
         graph = build_topology(team.topology, **params)
     easy = set(state["easy"])
     max_tokens = team.role("leader").sampling.max_tokens
+    prefilter = config.easy_threshold is not None and config.easy_filter == "pool" and peers > 0
+    fill = (
+        build_topology(
+            "mlpo_agents.graphs.pooled_peers:build_peer_fill", peers=peers, pool=pool, pool_samples=config.pool_samples
+        )
+        if prefilter
+        else None
+    )
 
-    def next_questions() -> list[Any]:
+    def screen(candidates: list[Any], n: int) -> list[Any]:
+        """The paper's filter: pool the peers' answers of questions not yet pooled, drop the easy ones."""
+        fresh = [t for t in candidates if t.id not in pool]
+        if fill is not None and fresh:
+            seeded = seeded_team(team, step_seed(config.seed, n, salt=2))
+            summary = rollout(policy, seeded, fresh, store, fill, task_name=config.task, score_roles=("peer",))
+            rates = solve_rates(store, summary, role="peer")
+            easy.update(task_id for task_id, rate in rates.items() if rate >= config.easy_threshold)  # type: ignore[operator]
+        return [t for t in candidates if t.id not in easy]
+
+    def next_questions(n: int) -> list[Any]:
         chosen: list[Any] = []
-        for _ in range(len(questions)):
-            if len(chosen) == config.questions_per_step:
-                break
-            task = questions[state["cursor"] % len(questions)]
-            state["cursor"] += 1
-            if task.id not in easy:
-                chosen.append(task)
+        scanned = 0
+        while len(chosen) < config.questions_per_step and scanned < len(questions):
+            candidates: list[Any] = []
+            while len(chosen) + len(candidates) < config.questions_per_step and scanned < len(questions):
+                task = questions[state["cursor"] % len(questions)]
+                state["cursor"] += 1
+                scanned += 1
+                if task.id not in easy:
+                    candidates.append(task)
+            chosen += screen(candidates, n) if prefilter else candidates
         if not chosen:
             raise RuntimeError(
                 f"every train question is solved >= {config.easy_threshold} of the time; "
@@ -552,7 +587,7 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
     solo_graph = build_topology(team.topology, **{**params, "peers": 0}) if solo_count else None
 
     def step(n: int) -> dict[str, Any]:
-        tasks = next_questions()
+        tasks = next_questions(n)
         solo, tasks = tasks[:solo_count], tasks[solo_count:]
         pool.pick = n  # each reuse shows another pooled peer sample when pool_samples > 1
         hits = pool.hits
@@ -566,7 +601,7 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
         order = [t.id for t in solo + tasks]
         batch = episode_batch(store, merged(summary, solo_summary), order, policy)
         rates = solve_rates(store, summary)
-        if config.easy_threshold is not None:
+        if config.easy_threshold is not None and config.easy_filter == "leader":
             easy.update(task_id for task_id, rate in rates.items() if rate >= config.easy_threshold)
         state["easy"], state["pool"] = sorted(easy), pool.to_json()
         metrics = update(policy, batch, max_tokens)
@@ -595,10 +630,10 @@ def merged(summary: Any, other: Any | None) -> Any:
     return summary if other is None else SimpleNamespace(results=[*other.results, *summary.results])
 
 
-def solve_rates(store: Any, summary: Any) -> dict[str, float]:
-    """Per question of a rollout: the fraction of its leader samples that were correct."""
+def solve_rates(store: Any, summary: Any, role: str = "leader") -> dict[str, float]:
+    """Per question of a rollout: the fraction of its `role` samples that were correct."""
     task_of = {r.episode_id: r.task_id for r in summary.results}
-    leader = {c.call_id for c in store.calls(episode_id=list(task_of), role="leader")}
+    leader = {c.call_id for c in store.calls(episode_id=list(task_of), role=role)}
     values: dict[str, list[float]] = {}
     for r in store.rewards(episode_id=list(task_of), name="correct"):
         if r.call_id in leader:

@@ -94,8 +94,11 @@ def sequence_logprobs(
     first = max(int(mb.prompt_lengths.min()) - 1, 0) if len(mb) else 0  # first position whose logits count
     prefix = shared_prefix_length(ids, first) if share_prefix else 0
     keep = width - first
+    cache = None
     if prefix >= MIN_SHARED_PREFIX:
+        # None when the model declines a cache (e.g. activation checkpointing is on): plain forward then.
         cache = (prefix_model or model)(input_ids=ids[:1, :prefix], use_cache=True).cache
+    if cache is not None:
         cache.batch_repeat_interleave(len(mb))
         logits = model(
             input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, logits_to_keep=keep

@@ -119,6 +119,27 @@ def run_episodes(
     )
 
 
+def run_episodes_together(
+    client: Any, team: Any, jobs: list[tuple[list[Any], Any]], store: Any, *, task_name: str, concurrency: int
+) -> list[Any]:
+    """Run `team` on several (tasks, graph) jobs at once, so their calls share the engine's batches;
+    returns one RunSummary per job (an empty job gives an empty summary)."""
+    from mlpo_agents.runner import RunSummary, run_team
+
+    client.team = team
+
+    async def run_all() -> list[Any]:
+        runs = [
+            run_team(team, tasks, store, task_name=task_name, client=client, concurrency=concurrency,
+                     progress=False, graph=graph)
+            for tasks, graph in jobs if tasks
+        ]  # fmt: skip
+        done = iter(await asyncio.gather(*runs))
+        return [next(done) if tasks else RunSummary() for tasks, _ in jobs]
+
+    return asyncio.run(run_all())
+
+
 # ------------------------------------------------------------------------------------------- served adapters
 
 

@@ -58,6 +58,7 @@ from mlpo_agents.trainers.common import (
     load_split,
     role_spec,
     run_episodes,
+    run_episodes_together,
 )
 from mlpo_agents.trainers.loop import Checkpointer, TrainLogger, progress, set_rng_state
 
@@ -593,10 +594,11 @@ def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, stat
         hits = pool.hits
         t0 = time.perf_counter()
         seeded = seeded_team(team, step_seed(config.seed, n), leader_temperature=config.leader_temperature)
-        summary = rollout(policy, seeded, tasks, store, graph, task_name=config.task)
-        solo_summary = (
-            rollout(policy, seeded, solo, store, solo_graph, task_name=config.task) if solo else None
-        )
+        summary, solo_summary = run_episodes_together(
+            policy.client, seeded, [(tasks, graph), (solo, solo_graph)], store,
+            task_name=config.task, concurrency=config.concurrency,
+        )  # fmt: skip
+        solo_summary = solo_summary if solo else None
         rollout_s = time.perf_counter() - t0
         order = [t.id for t in solo + tasks]
         batch = episode_batch(store, merged(summary, solo_summary), order, policy)

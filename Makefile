@@ -56,9 +56,9 @@ test-fast: setup
 test: setup setup-vllm setup-postgres setup-browser setup-qwen lint
 	$(VENV)/bin/pytest -q
 
+# Every side-by-side comparison, one table of ratios with the load average beside each row (runs/bench.md).
 bench: setup
-	$(PY) benchmarks/bench_engine.py
-	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/run_all.py $(if $(ONLY),--only $(ONLY)) $(if $(MODELS),--models $(MODELS))
 
 clean:
 	rm -rf $(VENV) .venv-vllm runs build *.egg-info

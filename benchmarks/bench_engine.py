@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +17,11 @@ import torch
 from mlpo_agents import zoo
 from mlpo_agents.engine import LocalEngine
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+DATA = (
+    Path(os.environ.get("MLPO_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    / "gsm8k"
+    / "test.jsonl"
+)
 PEER_STYLES = ("Solve step by step.", "Answer briefly, then check your work.", "Explain your reasoning.")
 
 
@@ -76,6 +81,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument(
         "--baseline-requests", type=int, default=None, help="time the baseline on the first N only"
     )
@@ -97,6 +103,9 @@ def main() -> None:
         flush=True,
     )
     engine.close()
+    record: dict[str, float | str] = {"dtype": args.dtype, "engine_tok_s": engine_tps, "engine_tok_per_cpu_s": tokens / cpu}
+    if args.json:
+        args.json.write_text(json.dumps(record))
     if args.skip_baseline:
         return
     if args.threads:
@@ -108,6 +117,9 @@ def main() -> None:
         f"{st_tokens / st_seconds:.1f} tok/s (engine / static batch: {engine_tps / (st_tokens / st_seconds):.2f}x)",
         flush=True,
     )
+    record["static_batch_tok_s"] = st_tokens / st_seconds
+    if args.json:
+        args.json.write_text(json.dumps(record))
     model, tokenizer = zoo.resolve(args.spec, dtype="float32")
     bench_generate(model, tokenizer, prompts[:1], 4)  # warm-up
     base_tokens, base_seconds, base_cpu = bench_generate(
@@ -124,6 +136,9 @@ def main() -> None:
         f"{(tokens / cpu) / (base_tokens / base_cpu):.2f}x per CPU-second (robust on a shared machine)",
         flush=True,
     )
+    record["one_stream_tok_s"] = base_tps
+    if args.json:
+        args.json.write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -44,7 +45,7 @@ async def interleaved(paths: dict, rounds: int) -> dict[str, list[float]]:
     return out
 
 
-async def main(calls: int) -> None:
+async def main(calls: int, json_path: Path | None = None) -> None:
     import litellm
 
     model = ScriptedModel("bench", "17 * 3 = 51. <answer>51</answer>")
@@ -70,9 +71,13 @@ async def main(calls: int) -> None:
     for name, times in results.items():
         med = statistics.median(times)
         print(f"{name:<8} {med * 1e3:>15.3f} {(med - base) * 1e3:>12.3f}")
+    if json_path:
+        json_path.write_text(json.dumps({f"{k}_median_ms": statistics.median(v) * 1e3 for k, v in results.items()}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200, help="rounds; each round times every path once")
-    asyncio.run(main(parser.parse_args().calls))
+    parser.add_argument("--json", type=Path, default=None, help="also write the medians here")
+    cli = parser.parse_args()
+    asyncio.run(main(cli.calls, cli.json))

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -228,6 +230,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per side")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rates here")
     args = parser.parse_args()
     if args.sequences % args.group_size or args.sequences % args.micro_batch:
         parser.error("--sequences must be a multiple of --group-size and of --micro-batch")
@@ -273,6 +276,10 @@ def main() -> None:
     plain_rate = rate(plain["update_s"][args.warmup :], plain["tokens"][args.warmup :])
     print(f"  share_prefix=False: {plain_rate:8.1f} trained tok/s (each row's prompt forwarded on its own)")
     print(f"ratio ours / TRL: {ours_rate / trl_rate:.2f}x  (share_prefix=False: {plain_rate / trl_rate:.2f}x)")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"trl_tok_s": trl_rate, "ours_tok_s": ours_rate, "ours_no_share_prefix_tok_s": plain_rate})
+        )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow and not vllm"

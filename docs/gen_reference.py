@@ -9,7 +9,7 @@ Used as an MkDocs hook (`hooks:` in mkdocs.yml): every page line of the form
   field docstrings are read from the source of the class and its bases.
 - `docstring mlpo_agents.trainers.mlpo`: a module docstring as Markdown (lists kept).
 - `cli`: every `mlpo` subcommand and option, from `mlpo_agents.cli.build_parser()`.
-- `trace-schema`: every table and column of the trace store, from `mlpo_agents.trace`.
+- `trace-schema`: every table and column of the trace store, from `mlpo_agents.trace_schema` and `trace_sqlite`.
 
 `python docs/gen_reference.py PAGE.md` prints a page with its sections expanded.
 """
@@ -206,22 +206,22 @@ def cli_reference() -> str:
 
 def trace_schema() -> str:
     """Every table and column of the trace store, with its SQL type and the event field's docstring."""
-    from mlpo_agents import trace
+    from mlpo_agents import trace_schema, trace_sqlite
 
-    field_docs = {cls: field_docstrings(cls) for cls in trace.TABLES}
+    field_docs = {cls: field_docstrings(cls) for cls in trace_schema.TABLES}
     out = []
-    for table, columns in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", trace._SCHEMA, flags=re.S):
-        cls = next(c for c, t in trace.TABLES.items() if t == table)
+    for table, columns in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", trace_sqlite._SCHEMA, flags=re.S):
+        cls = next(c for c, t in trace_schema.TABLES.items() if t == table)
         hints = typing.get_type_hints(cls)
         out.append(f"### `{table}`\n\nOne row per `{cls.__name__}` event: {inspect.getdoc(cls)}\n")
         out.append("| column | SQL type | Python value | notes |\n|---|---|---|---|")
         for column in columns.split(","):
             name, sql_type, *rest = column.split()
-            if name in trace._INT_ARRAYS:
+            if name in trace_schema.INT_ARRAYS:
                 note = "packed int32, native byte order (little-endian here): 4 bytes per token id"
-            elif name in trace._FLOAT_ARRAYS:
+            elif name in trace_schema.FLOAT_ARRAYS:
                 note = "packed float32, native byte order: 4 bytes per completion token"
-            elif name in trace._JSON_FIELDS:
+            elif name in trace_schema.JSON_FIELDS:
                 note = "JSON text"
             else:
                 note = ""

@@ -13,16 +13,20 @@ from typing import Any
 from langgraph.graph.state import CompiledStateGraph
 from pydantic import TypeAdapter, ValidationError
 
-from mlpo_agents.graphs.cooperate import build_cooperate
-from mlpo_agents.graphs.debate import build_debate
-from mlpo_agents.graphs.gvr import build_gvr
-from mlpo_agents.graphs.leader_peers import build_leader_peers
+from mlpo_agents.config import ConfigError, TeamConfig
+
+from .code_pair import build_code_pair
+from .cooperate import build_cooperate
+from .debate import build_debate
+from .gvr import build_gvr
+from .leader_peers import build_leader_peers
 
 TOPOLOGIES: dict[str, Callable[..., CompiledStateGraph]] = {
     "leader_peers": build_leader_peers,
     "gvr": build_gvr,
     "debate": build_debate,
     "cooperate": build_cooperate,
+    "code_pair": build_code_pair,
 }
 
 # Roles in a shipped topology's ROLES that it calls only when a parameter asks for them.
@@ -130,3 +134,22 @@ def build_topology(name: str, **params: Any) -> CompiledStateGraph:
             "end the builder with `return graph.compile()`"
         )
     return graph
+
+
+def check_topology(team: TeamConfig) -> None:
+    """Check, before any episode starts, that the team's topology builds with its `params` and that the
+    team has every role the topology calls (the builder module's `ROLES`); raises ConfigError with the fix."""
+    try:
+        build_topology(team.topology, **team.params)
+        needed = required_roles(team.topology, **team.params)
+    except ValueError as e:
+        raise ConfigError(f"team {team.name!r}: {e}") from None
+    missing = [r for r in needed if r not in team.roles and not any(k.startswith(f"{r}-") for k in team.roles)]
+    if missing:
+        model = next(iter(team.roles.values())).model if team.roles else "..."
+        add = ", ".join(f"{r}: {{model: {model}}}" for r in missing)
+        raise ConfigError(
+            f"team {team.name!r} has no role {', '.join(map(repr, missing))}, which topology "
+            f"{team.topology!r} calls (team roles: {', '.join(team.roles) or 'none'}); add `roles: {{{add}}}` "
+            "to the team config, or use a team written for this topology"
+        )

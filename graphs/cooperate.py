@@ -32,9 +32,10 @@ from typing import Annotated, Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from mlpo_agents.graphs.nodes import agent_node, fan_out_each, find_turn, join, require, turns_of, user
-from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
 from mlpo_agents.rubric import rubric_for, turn_completion
+
+from .nodes import agent_node, fan_out_each, find_turn, join, require, turns_of, user
+from .state import TeamContext, TeamGraph, TeamState, Turn
 
 ROLES = ("drafter", "solver")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from langgraph.graph import END, START, StateGraph
 
-from mlpo_agents.graphs.nodes import (
+from .nodes import (
     agent_ids,
     agent_node,
     fan_out,
@@ -36,7 +36,7 @@ from mlpo_agents.graphs.nodes import (
     user,
     vote,
 )
-from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState
+from .state import TeamContext, TeamGraph, TeamState
 
 ROLES = ("debater", "judge")
 

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
-from mlpo_agents.graphs.nodes import (
+from .nodes import (
     agent_ids,
     agent_node,
     fan_out,
@@ -36,7 +36,7 @@ from mlpo_agents.graphs.nodes import (
     user,
     vote,
 )
-from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
+from .state import TeamContext, TeamGraph, TeamState, Turn
 
 ROLES = ("generator", "verifier", "refiner")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from langgraph.graph import START, StateGraph
 
-from mlpo_agents.graphs.nodes import (
+from .nodes import (
     agent_ids,
     agent_node,
     fan_out,
@@ -23,7 +23,7 @@ from mlpo_agents.graphs.nodes import (
     turns_of,
     user,
 )
-from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState
+from .state import TeamContext, TeamGraph, TeamState
 
 ROLES = ("leader", "peer")
 

@@ -15,9 +15,10 @@ from langgraph.graph import END
 from langgraph.runtime import Runtime
 from langgraph.types import Send
 
-from mlpo_agents.graphs.state import AgentInput, FailedTurn, TeamContext, Turn
 from mlpo_agents.models import ModelCallError
 from mlpo_agents.rewards import extract_answer
+
+from .state import AgentInput, FailedTurn, TeamContext, Turn
 
 Messages = list[dict[str, Any]]
 PromptFn = Callable[[dict[str, Any], str, TeamContext], Messages]

@@ -15,9 +15,9 @@ from typing import Any
 from langgraph.graph import START, StateGraph
 from langgraph.runtime import Runtime
 
-from mlpo_agents.graphs.leader_peers import leader_done, leader_prompt, peer_prompt
-from mlpo_agents.graphs.nodes import agent_ids, agent_node, fan_out, require, round_loop, vote
-from mlpo_agents.graphs.state import TeamContext, TeamGraph, TeamState, Turn
+from .leader_peers import leader_done, leader_prompt, peer_prompt
+from .nodes import agent_ids, agent_node, fan_out, require, round_loop, vote
+from .state import TeamContext, TeamGraph, TeamState, Turn
 
 
 class PeerPool:

@@ -28,6 +28,7 @@ class UserError(Exception):
 
 def _team(args: argparse.Namespace) -> Any:
     from mlpo_agents.config import default_team, load_team
+    from mlpo_agents.graphs import check_topology
 
     team = load_team(args.team) if args.team else default_team()
     updates: dict[str, Any] = {}
@@ -58,7 +59,7 @@ def _team(args: argparse.Namespace) -> Any:
             params[key] = parse_value(value, scalar=False)
         updates["params"] = params
     team = team.model_copy(update=updates) if updates else team
-    team.check_topology()
+    check_topology(team)
     return team
 
 

@@ -117,26 +117,6 @@ class TeamConfig(BaseModel):
             f"add `roles: {{{base}: {{model: ...}}}}` to the team config"
         )
 
-    def check_topology(self) -> None:
-        """Check, before any episode starts, that the topology builds with `params` and that the team
-        has every role it calls (the builder module's `ROLES`); raises ConfigError with the fix."""
-        from mlpo_agents.graphs import build_topology, required_roles
-
-        try:
-            build_topology(self.topology, **self.params)
-            needed = required_roles(self.topology, **self.params)
-        except ValueError as e:
-            raise ConfigError(f"team {self.name!r}: {e}") from None
-        missing = [r for r in needed if r not in self.roles and not any(k.startswith(f"{r}-") for k in self.roles)]
-        if missing:
-            model = next(iter(self.roles.values())).model if self.roles else "..."
-            add = ", ".join(f"{r}: {{model: {model}}}" for r in missing)
-            raise ConfigError(
-                f"team {self.name!r} has no role {', '.join(map(repr, missing))}, which topology "
-                f"{self.topology!r} calls (team roles: {', '.join(self.roles) or 'none'}); add `roles: {{{add}}}` "
-                "to the team config, or use a team written for this topology"
-            )
-
     def deployment(self, model_name: str) -> dict[str, Any]:
         """The model_list entry with this model_name."""
         for dep in self.model_list:

@@ -68,6 +68,7 @@ def load_tasks(specs: list[str], args: argparse.Namespace) -> dict[str, list[Any
 def load_teams(specs: list[str], max_tokens: int | None) -> list[Any]:
     """TeamConfigs for built-in names or YAML paths, with an optional max_tokens cap on every role."""
     from mlpo_agents.config import load_team
+    from mlpo_agents.graphs import check_topology
 
     teams = []
     for spec in specs:
@@ -80,7 +81,7 @@ def load_teams(specs: list[str], max_tokens: int | None) -> list[Any]:
                 for role, rc in team.roles.items()
             }
             team = team.model_copy(update={"roles": roles})
-        team.check_topology()
+        check_topology(team)
         teams.append(team)
     names = [t.name for t in teams]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .rewards import (
     REWARD_FAILED,
@@ -37,9 +37,7 @@ from .rewards import (
     format_reward,
     score_detail,
 )
-
-if TYPE_CHECKING:
-    from .tasks.base import Task
+from .tasks.base import FREE_FORM, Task
 
 Level = Literal["both", "episode", "call"]
 """Where an entry applies: the team's answer (`episode`), each scored call (`call`), or `both`."""
@@ -158,8 +156,6 @@ class Rubric:
     @classmethod
     def for_kind(cls, kind: str) -> Rubric:
         """The built-in rubric of a task kind (what the runner scored with before rubrics existed)."""
-        from .runner import FREE_FORM
-
         if kind == FREE_FORM:
             return cls()  # no gold answer: nothing to score
         if kind not in ("math", "choice", "exact", "code"):
@@ -335,8 +331,6 @@ def use_rubric(rubric: Rubric) -> Iterator[Rubric]:
 def rubric_for(task: Task, rubric: Rubric | None = None) -> Rubric:
     """The rubric an episode of `task` is scored with: `rubric`, else the one `use_rubric` set (not for a
     free-form question), else the task's default."""
-    from .runner import FREE_FORM
-
     if rubric is not None:
         return rubric
     scoped = _SCOPED.get()

@@ -24,7 +24,7 @@ from mlpo_agents.models import ModelClient
 from mlpo_agents.rewards import RewardResult, answer_prompt
 from mlpo_agents.rubric import Rubric, Scorer, rubric_for, team_completion, turn_completion
 from mlpo_agents.rubric import score_answer as score_answer  # moved to `rubric`; still importable from here
-from mlpo_agents.tasks.base import Task
+from mlpo_agents.tasks.base import FREE_FORM, Task
 from mlpo_agents.trace import FINISHED, Episode, Failure, Reward, TraceStore, new_id
 
 
@@ -74,11 +74,6 @@ class RunSummary:
     def lenient_accuracy(self) -> float | None:
         """Accuracy under the lenient rule (last number as a fallback), a separately labelled figure."""
         return self.correct_lenient / self.lenient_scored if self.lenient_scored else None
-
-
-FREE_FORM = "free"
-"""`Task.kind` of a free-form question (the Team API, an app): no gold answer, so no correctness reward;
-agents get the generic answer instruction and the graph's context has `task=None`."""
 
 
 def task_fingerprint(task: Task) -> str:

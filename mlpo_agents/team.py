@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlpo_agents.adapters import role_spec, serve_adapter
 from mlpo_agents.config import ConfigError, TeamConfig, load_team
-from mlpo_agents.graphs import build_topology
+from mlpo_agents.graphs import build_topology, check_topology
 from mlpo_agents.models import ModelClient
 from mlpo_agents.rubric import Rubric
 from mlpo_agents.runner import FREE_FORM, RunSummary, run_episode, run_team
@@ -117,7 +118,7 @@ class Team:
 
     def __init__(self, config: TeamConfig, store: TraceStore, client: ModelClient | None = None,
                  rubric: Rubric | None = None):
-        config.check_topology()
+        check_topology(config)
         self.config = config
         self.store = store
         self.client = client or ModelClient(config, store)
@@ -310,7 +311,6 @@ class Team:
         """
         from mlpo_agents import zoo
         from mlpo_agents.engine import get_engine
-        from mlpo_agents.trainers.common import role_spec, serve_adapter
 
         role = role or self.answer_role
         folder = Path(folder)

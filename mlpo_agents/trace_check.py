@@ -4,7 +4,7 @@ Opening a store must never damage what is already there, so an existing file is 
 a corrupted SQLite file, another application's database, a store of an older version missing columns, a
 read-only file or folder each raise `TraceStoreError` with a one-line message that names the problem and
 the fix, and the file is left untouched. `TraceStore` (SQLite) and `PostgresTraceStore` call these checks;
-the event types and the store itself live in `mlpo_agents.trace`.
+the event types are in `mlpo_agents.trace_schema`, the stores in `trace_sqlite` and `trace_pg`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class TraceStoreError(ValueError):
 def check_sqlite(db: sqlite3.Connection, path: Path, where: str, tables: dict[type, str]) -> None:
     """Read-only checks of an existing file: intact, ours (or empty), writable. Raises TraceStoreError.
 
-    `tables` maps event types to their tables (`trace.TABLES`); `where` names the store in messages.
+    `tables` maps event types to their tables (`trace_schema.TABLES`); `where` names the store in messages.
     """
     problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
     if problems != ["ok"]:

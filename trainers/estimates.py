@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mlpo_agents.trainers.recipe import Launch, ModelShape, Recipe, Server
+    from .recipe import Launch, ModelShape, Recipe, Server
 
 GIB = 1 << 30
 

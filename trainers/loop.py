@@ -207,7 +207,7 @@ class Checkpointer:
         """Write a complete checkpoint for `step` and return its folder; older ones beyond `keep` are removed."""
         import torch
 
-        from mlpo_agents.trainers.lora import save_adapter
+        from .lora import save_adapter
 
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.root / f"step-{step:06d}"
@@ -360,7 +360,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     """`mlpo train`: build the config, run the trainer, print where the results are."""
     if getattr(args, "recipe", None):
-        from mlpo_agents.trainers.recipe_plan import cmd_train_recipe
+        from .recipe_plan import cmd_train_recipe
 
         return cmd_train_recipe(args)
     if getattr(args, "dry_run", False):

@@ -8,10 +8,13 @@ agent i minimises loss_i = -(1/G) sum_g A_g * sum_t log pi_i(o_{i,g,t}) with A_g
 (`joint_actions`, `joint_returns`, `agent_batches`, pure) → `Agent` → `train`.
 
 Setting here: the `cooperate` topology (graphs/cooperate.py): a drafter writes a plan, a solver answers
-from it, both trainable. One joint action is a chain of calls of one turn linked by `parent_call_id`
-(draft → answer); its reward is the answer's call-level reward (correctness, plus `format_weight` x
-format). Sibling joint actions (same context) are those whose first call shares the drafter's group
-id. Each step: rollouts through `run_team` on the local engine serving the current adapters → traces
+from it, both trainable; or the paper's own code setting, the `code_pair` topology (graphs/code_pair.py):
+a helper writes `aux`, the main agent the task's entry point, scored as one program by the unit tests
+(`JOINT_TOPOLOGIES` says which roles and fan-out parameter each uses). One joint action is a chain of
+calls of one turn linked by `parent_call_id` (draft → answer, aux → main); its reward is the last call's
+call-level reward (correctness, plus `format_weight` x format; for `code_pair` that of the joint
+program). Sibling joint actions (same context) are those whose first call shares the first agent's
+group id. Each step: rollouts through `run_team` on the local engine serving the current adapters → traces
 → joint actions → one batch per agent → `trainers.update.policy_update(loss="magrpo")` per agent →
 save + hot-load every adapter (`engine.load_adapter`, `client.use_version`) → repeat.
 
@@ -43,6 +46,10 @@ comlrl/trainers/reinforce/magrpo.py, `MAGRPOTrainer`; pinned by tests/test_magrp
     prompts. `joint_mode="cross"` samples G answers per draft (G x G joint actions per node); the
     drafter's row for draft i then carries the *mean* return of its G joint actions (CoMLRL: the sum),
     which scales the drafter's advantage by 1/G (a learning-rate factor).
+  - `code_pair` (the paper's code setting; docs/trainers/magrpo.md): the reward is the binary unit-test
+    verdict of the joint program, not CoMLRL's levelled code reward; one turn only; cross mode calls the
+    main agent once per helper sample with one seed (G x G calls repeating the same G samples, so the
+    main agent's summed gradient is CoMLRL's, scaled by 1/G like the helper's).
   - LoRA adapters (one per agent; CPU budget) instead of CoMLRL's full fine-tuning; agents on the same
     base share one serving engine (one adapter each) but each trainer copy holds its own base weights.
   - Turn t>0 prompts tell the drafter whether the answer was accepted: that feedback comes from the
@@ -70,16 +77,17 @@ from typing import Any
 
 import torch
 
+from mlpo_agents.adapters import role_spec
 from mlpo_agents.trace import ModelCall, Reward
-from mlpo_agents.trainers.batch import TraceMismatchError
-from mlpo_agents.trainers.common import (
+
+from .batch import TraceMismatchError
+from .common import (
     PolicyGradientConfig,
     TrainableLora,
     load_split,
-    role_spec,
     run_episodes,
 )
-from mlpo_agents.trainers.losses import discounted_returns
+from .losses import discounted_returns
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -95,9 +103,11 @@ class MAGRPOConfig(PolicyGradientConfig):
     agent_models: dict[str, str] = field(default_factory=dict)
     """Built-in team: role -> zoo spec for agents on separate base models (e.g. {"solver": "tiny-test"})."""
     agents: tuple[str, ...] = ("drafter", "solver")
-    """The trainable agent roles (each gets its own LoRA adapter)."""
+    """The trainable agent roles (each gets its own LoRA adapter). Left at this default with a `code_pair`
+    team: ("helper", "main") (`JOINT_TOPOLOGIES`)."""
     answer_role: str = "solver"
-    """The role whose call ends a joint action; its call-level rewards are the joint reward."""
+    """The role whose call ends a joint action; its call-level rewards are the joint reward (`main` for a
+    `code_pair` team when `agents` and this are left at their defaults)."""
     out: str = "runs/magrpo"
     """Run folder: metrics, curves, checkpoints, adapters, traces."""
     offline: bool = False
@@ -330,7 +340,7 @@ def agent_batches(
     advantage A_g = R_g - mean(R). Returns (batches, missing): an agent with no usable group (every
     group has a single usable joint action) is in `missing` with the reason instead of `batches`.
     """
-    from mlpo_agents.trainers.batch import traces_to_batch
+    from .batch import traces_to_batch
 
     values: dict[str, list[float]] = {}
     for a in actions:
@@ -404,19 +414,55 @@ def cooperate_team(config: MAGRPOConfig) -> Any:
     )
 
 
-def graph_params(config: MAGRPOConfig, team: Any) -> dict[str, Any]:
-    """Topology parameters of the training rollouts: G drafts, aligned or cross answers, turns, threshold."""
-    if team.topology != "cooperate":
-        return dict(team.params)  # a user topology brings its own sampling fan-out and parent links
-    solver_samples = config.group_size if config.joint_mode == "cross" else 1
-    return {
-        **team.params,
-        "samples": config.group_size,
-        "solver_samples": solver_samples,
-        "turns": config.turns,
+@dataclass(frozen=True)
+class JointTopology:
+    """How MAGRPO drives a shipped two-agent topology."""
+
+    agents: tuple[str, str]
+    """The default trainable roles, first to last; the last one's call ends a joint action."""
+    fan_out: str
+    """The builder parameter giving the last agent's samples per first-agent sample (1 aligned, G cross)."""
+    multi_turn: bool
+    """The builder takes `turns` and `threshold`; otherwise it is single-turn (`turns` must be 1)."""
+
+
+JOINT_TOPOLOGIES = {
+    "cooperate": JointTopology(("drafter", "solver"), "solver_samples", True),
+    "code_pair": JointTopology(("helper", "main"), "main_samples", False),
+}
+"""Shipped topologies MAGRPO sets the joint-action parameters of; a user topology brings its own."""
+
+
+def for_team(config: MAGRPOConfig, team: Any) -> MAGRPOConfig:
+    """`config` for `team`: the agents of its topology when `agents` and `answer_role` were left at their
+    defaults (the `cooperate` pair), and `turns` checked against a single-turn topology."""
+    spec = JOINT_TOPOLOGIES.get(team.topology)
+    if spec is None:
+        return config
+    if not spec.multi_turn and config.turns != 1:
+        raise ValueError(f"turns={config.turns}: the {team.topology} topology has one turn; use turns=1")
+    default = JOINT_TOPOLOGIES["cooperate"].agents
+    if (config.agents, config.answer_role) == (default, default[-1]) and spec.agents != default:
+        return dataclasses.replace(config, agents=spec.agents, answer_role=spec.agents[-1])
+    return config
+
+
+def graph_params(config: MAGRPOConfig, team: Any, *, evaluation: bool = False) -> dict[str, Any]:
+    """Topology parameters of the training rollouts: G first-agent samples, aligned or cross answers, turns,
+    threshold; with `evaluation`, one joint action of one turn."""
+    spec = JOINT_TOPOLOGIES.get(team.topology)
+    if spec is None:  # a user topology brings its own sampling fan-out and parent links
+        return (
+            {**team.params, "samples": 1, "solver_samples": 1, "turns": 1}
+            if evaluation
+            else dict(team.params)
+        )
+    group = 1 if evaluation else config.group_size
+    params = {**team.params, "samples": group, spec.fan_out: group if config.joint_mode == "cross" else 1}
+    if spec.multi_turn:
         # Every joint action branches; `joint_actions` applies the node-level termination (CoMLRL's rule).
-        "threshold": math.inf,
-    }
+        params.update(turns=1 if evaluation else config.turns, threshold=math.inf)
+    return params
 
 
 def seeded_team(team: Any, roles: Sequence[str], seed: int, temperature: float | None = None) -> Any:
@@ -528,7 +574,7 @@ def evaluate(team: Any, client: Any, config: MAGRPOConfig, *, label: str) -> dic
     from mlpo_agents.trace import TraceStore
 
     tasks = load_split(config, "test", config.eval_questions)
-    params = {**graph_params(config, team), "samples": 1, "solver_samples": 1, "turns": 1}
+    params = graph_params(config, team, evaluation=True)
     eval_team = seeded_team(
         team.model_copy(update={"name": f"{team.name}-{label}", "params": params}),
         config.agents,
@@ -552,14 +598,16 @@ def train(config: MAGRPOConfig) -> TrainResult:
     from mlpo_agents.graphs import build_topology
     from mlpo_agents.models import ModelClient
     from mlpo_agents.trace import TraceStore
-    from mlpo_agents.trainers.loop import Checkpointer, TrainLogger, progress, set_rng_state
-    from mlpo_agents.trainers.lora import save_adapter
-    from mlpo_agents.trainers.update import policy_update
+
+    from .loop import Checkpointer, TrainLogger, progress, set_rng_state
+    from .lora import save_adapter
+    from .update import policy_update
 
     start = time.perf_counter()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     team = load_team(config.team) if config.team else cooperate_team(config)
+    config = for_team(config, team)
     for role in config.agents:
         team.role(role)  # misuse: a role the team does not have fails here, with the fix
     agents = {role: Agent(role, agent_spec(team, role), config, i) for i, role in enumerate(config.agents)}

@@ -53,17 +53,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlpo_agents.adapters import role_spec, serve_adapter
+from mlpo_agents.eval_cells import cell_from_store
 from mlpo_agents.trace import ModelCall, Reward
-from mlpo_agents.trainers.common import (
+
+from .common import (
     RunConfig,
     load_adapter_weights,
     load_split,
     lora_copy,
-    role_spec,
     run_episodes,
-    serve_adapter,
 )
-from mlpo_agents.trainers.loop import TrainLogger
+from .loop import TrainLogger
 
 ROLES = ("generator", "verifier", "refiner")
 PARENT_ROLE = {"generator": None, "verifier": "generator", "refiner": "verifier"}
@@ -547,8 +548,6 @@ def expand_trees(
 
 def evaluate(config: MALTConfig, team: Any, client: Any, store: Any, label: str) -> dict[str, float]:
     """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI)."""
-    from mlpo_agents.evaluate import cell_from_store
-
     tasks = load_split(config, "test", config.eval_questions)
     eval_team = seeded(
         team,
@@ -646,7 +645,8 @@ def train(config: MALTConfig) -> TrainResult:
     from mlpo_agents.config import load_team
     from mlpo_agents.models import ModelClient
     from mlpo_agents.trace import TraceStore
-    from mlpo_agents.trainers.lora import save_adapter
+
+    from .lora import save_adapter
 
     start = time.perf_counter()
     out = Path(config.out)

@@ -52,15 +52,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.trainers.common import (
+from mlpo_agents.adapters import role_spec
+
+from .common import (
     PolicyGradientConfig,
     TrainableLora,
     load_split,
-    role_spec,
     run_episodes,
     run_episodes_together,
 )
-from mlpo_agents.trainers.loop import Checkpointer, TrainLogger, progress, set_rng_state
+from .loop import Checkpointer, TrainLogger, progress, set_rng_state
 
 Aggregation = str
 
@@ -236,7 +237,7 @@ class Policy(TrainableLora):
 
     def publish(self, step: int, folder: Path | None = None) -> Path:
         """Save the adapter (unless given) and hot-load it: the leader's next calls sample from it."""
-        from mlpo_agents.trainers.lora import save_adapter
+        from .lora import save_adapter
 
         name = f"step-{step}"
         folder = folder or save_adapter(self.model, self.adapters / name, base_model=self.base_model)
@@ -266,7 +267,7 @@ def rollout(
 
 def episode_batch(store: Any, summary: Any, order: list[str], policy: Policy) -> Any:
     """The leader's calls and rewards of a rollout as a TrajectoryBatch, groups in question order."""
-    from mlpo_agents.trainers.batch import load_events, traces_to_batch
+    from .batch import load_events, traces_to_batch
 
     position = {task_id: i for i, task_id in enumerate(order)}
     task_of = {r.episode_id: r.task_id for r in summary.results}
@@ -297,7 +298,7 @@ def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
     the update (see `trainers.update`): the detached current logprobs for one epoch, one no-grad forward
     before the first of several.
     """
-    from mlpo_agents.trainers.update import OldLogprobs, policy_update, with_current_logprobs
+    from .update import OldLogprobs, policy_update, with_current_logprobs
 
     c = policy.config
     if c.kl_coef == 0 and not batch.advantages.any():
@@ -391,7 +392,7 @@ def sft_warmup(policy: Policy, examples: list[Any]) -> dict[str, float]:
 
 def correct_leader_calls(store: Any, base_model: str, episode_ids: list[str] | None = None) -> list[Any]:
     """Leader calls of `base_model` with correctness 1 (and a well-formed answer), one per prompt+text."""
-    from mlpo_agents.trainers.batch import load_events
+    from .batch import load_events
 
     calls, rewards = load_events(store, episode_ids=episode_ids, roles=("leader",))
     good = {r.call_id for r in rewards if r.name == "correct" and r.call_id and r.value >= 1.0}
@@ -411,7 +412,8 @@ def train(config: MLPOConfig) -> TrainResult:
     """Run MLPO (online or offline) as configured; returns the final adapter, evaluation and history."""
     from mlpo_agents.config import load_team
     from mlpo_agents.trace import TraceStore
-    from mlpo_agents.trainers.mlpo_eval import (
+
+    from .mlpo_eval import (
         BASELINE,
         baseline_fingerprint,
         eval_metrics,
@@ -648,7 +650,8 @@ def offline_batch(config: MLPOConfig, spec: str, store: Any) -> tuple[Any, int]:
     from types import SimpleNamespace
 
     from mlpo_agents import zoo
-    from mlpo_agents.trainers.batch import load_events, traces_to_batch
+
+    from .batch import load_events, traces_to_batch
 
     run = SimpleNamespace(config=config, base_model=zoo.base_model_id(spec), tokenizer=zoo.resolve(spec)[1])
 

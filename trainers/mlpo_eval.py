@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.trainers.common import load_split
-from mlpo_agents.trainers.mlpo import MLPOConfig, Policy, rollout, seeded_team, step_seed
+from .common import load_split
+from .mlpo import MLPOConfig, Policy, rollout, seeded_team, step_seed
 
 
 def evaluate(
@@ -79,7 +79,8 @@ def load_baseline(folder: str | Path, fingerprint: dict[str, Any]) -> tuple[dict
     checkpoint and logged `config.json`.
     """
     from mlpo_agents.config import load_team
-    from mlpo_agents.trainers.loop import Checkpointer
+
+    from .loop import Checkpointer
 
     folder = Path(folder)
     if (folder / BASELINE).exists():

@@ -25,7 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlpo_agents.config import TeamConfig
-from mlpo_agents.trainers.estimates import (
+
+from .estimates import (
     GIB,
     TrainMemory,
     param_count,
@@ -260,7 +261,7 @@ def check_recipe(name: str | Path, overrides: dict[str, Any] | None = None) -> C
 
 
 def _trainer_config(recipe: Recipe, where: str, overrides: dict[str, Any]) -> Any:
-    from mlpo_agents.trainers.loop import ALGOS, _trainer_module
+    from .loop import ALGOS, _trainer_module
 
     config_cls = getattr(_trainer_module(recipe.trainer.algo), ALGOS[recipe.trainer.algo][1])
     names = {f.name for f in dataclasses.fields(config_cls)}
@@ -284,6 +285,8 @@ def _trainer_config(recipe: Recipe, where: str, overrides: dict[str, Any]) -> An
 
 
 def _check_layout(recipe: Recipe, config: Any, where: str) -> None:
+    from mlpo_agents.graphs import check_topology  # LangGraph: not at module import
+
     problems: list[str] = []
     hw, launch = recipe.hardware, recipe.launch
     valid_gpus = set(range(hw.gpus))
@@ -335,7 +338,7 @@ def _check_layout(recipe: Recipe, config: Any, where: str) -> None:
                 "server: use hosted_vllm/<served_name> and the server's api_base"
             )
     try:
-        recipe.team.check_topology()
+        check_topology(recipe.team)
     except ValueError as e:
         problems.append(str(e))
     if problems:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mlpo_agents.trainers.estimates import (
+from .estimates import (
     GIB,
     kv_bytes_per_token,
     lora_param_count,
@@ -24,7 +24,7 @@ from mlpo_agents.trainers.estimates import (
     server_memory,
     step_shapes,
 )
-from mlpo_agents.trainers.recipe import (
+from .recipe import (
     RECIPE_OWNED,
     RECIPES,
     TRAINED_ROLES,
@@ -48,7 +48,7 @@ def launch_gaps(recipe: Recipe) -> list[str]:
     if any(not str(d["litellm_params"]["model"]).startswith("local/") for d in recipe.team.model_list):
         gaps.append(
             "trained roles are served by vLLM here, but the trainers hot-load adapters into the in-process "
-            "engine only (trainers/common.py role_spec refuses other deployments); serving them needs "
+            "engine only (mlpo_agents/adapters.py role_spec refuses other deployments); serving them needs "
             "VLLMServer.load_lora on the role's server"
         )
     gaps.append(
@@ -185,7 +185,7 @@ def format_plan(checked: Checked) -> str:
 
 def cmd_train_recipe(args: argparse.Namespace) -> int:
     """`mlpo train --recipe NAME --dry-run`: flags and --set override trainer fields; prints the plan."""
-    from mlpo_agents.trainers.loop import COMMON_FLAGS
+    from .loop import COMMON_FLAGS
 
     owned = [f"--{name}" for name in RECIPE_OWNED if getattr(args, name, None) is not None]
     if owned:

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import torch
 
-from mlpo_agents.trainers.batch import TrajectoryBatch
-from mlpo_agents.trainers.losses import grpo_loss, magrpo_loss, token_logprobs
+from .batch import TrajectoryBatch
+from .losses import grpo_loss, magrpo_loss, token_logprobs
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 """`fn(logp, batch, ref_logp=None, **loss_kwargs) -> (loss, metrics)` on one micro-batch."""

@@ -45,6 +45,10 @@ class Task:
 
 KINDS = ("math", "choice", "exact", "code")
 
+FREE_FORM = "free"
+"""`Task.kind` of a free-form question (the Team API, an app): no gold answer, so no correctness reward;
+agents get the generic answer instruction and the graph's context has `task=None`."""
+
 
 @dataclass(frozen=True)
 class Row:

@@ -112,6 +112,17 @@ def correctness_lenient(task: Task, completion: Completion) -> RewardResult | No
     return score_answer(task, completion.state["answer_lenient"])
 
 
+def lenient_call(task: Task, completion: Completion) -> RewardResult:
+    """Correctness of the output's own answer under the lenient rule (last number as a fallback): a denser
+    shaping signal than strict correctness that, unlike `answered`, never pays for a wrong answer."""
+    return score_answer(task, extract_answer(completion.text, lenient=True, truncated=completion.truncated))
+
+
+def with_call_lenient(rubric: Rubric) -> Rubric:
+    """`rubric` plus a call-level `lenient` entry (weight 0: recorded for a trainer's `format_reward="lenient"`)."""
+    return rubric.without("lenient").add(lenient_call, name="lenient", weight=0.0, level="call")
+
+
 def format_check(task: Task, completion: Completion) -> RewardResult:
     """1.0 for exactly one well-formed, non-empty ``<answer>`` block (`rewards.format_reward`)."""
     return RewardResult(format_reward(completion.text), None, "")

@@ -38,7 +38,10 @@ Fidelity — deviations from the paper, and why (each a named option where it is
   questions of a step share the leader's random stream; bit-identical reruns need `concurrency=1`.
 - A step whose groups all have equal rewards (zero advantages) makes no optimizer step.
 - A format reward can be added to correctness with weight `format_weight` (0 by default, as in the paper):
-  `format_reward="format"` (one `<answer>` block) or `"answered"` (any answer under the strict rule).
+  `format_reward="format"` (one `<answer>` block), `"answered"` (any answer under the strict rule) or
+  `"lenient"` (the call's answer is right under the lenient rule, last number as a fallback: a denser
+  signal that, unlike `answered`, never pays for a wrong answer; the rollouts then score with
+  `rubric.with_call_lenient`).
 """
 
 from __future__ import annotations
@@ -146,8 +149,8 @@ class MLPOConfig(PolicyGradientConfig):
                             "train on other rewards offline (offline=True, traces=<store>)")
         if self.reward_name == "format":
             problems.append("reward_name='format': the format reward is added with format_weight")
-        if self.format_reward not in ("format", "answered"):
-            problems.append(f"format_reward={self.format_reward!r}: use format or answered")
+        if self.format_reward not in ("format", "answered", "lenient"):
+            problems.append(f"format_reward={self.format_reward!r}: use format, answered or lenient")
         if self.easy_filter not in ("pool", "leader"):
             problems.append(f"easy_filter={self.easy_filter!r}: use pool (the paper) or leader")
         if self.easy_filter == "pool" and self.easy_threshold is not None and not self.peer_pool and not self.offline:

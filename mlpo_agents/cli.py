@@ -177,10 +177,17 @@ def cmd_traces(args: argparse.Namespace) -> int:
             else:
                 print("wrote " + ", ".join(str(p) for p in store.export_parquet(out)))
             return 0
+        if args.action == "export-otel":
+            from mlpo_agents.otel import export_store
+
+            n, spans = export_store(store, endpoint=args.endpoint, out=args.out, content=args.content,
+                                    episodes=args.episode)
+            print(f"exported {n} episodes ({spans} spans) to {args.endpoint or args.out}")
+            return 0
         if args.episode:
-            ids = [e.episode_id for e in episodes if e.episode_id.startswith(args.episode)]
+            ids = [e.episode_id for e in episodes if e.episode_id.startswith(tuple(args.episode))]
             if not ids:
-                raise UserError(f"no episode id in {args.traces} starts with {args.episode!r}; "
+                raise UserError(f"no episode id in {args.traces} starts with {' or '.join(args.episode)!r}; "
                                 "`mlpo traces show` lists the latest ids")
             for c in store.calls(episode_id=ids):
                 print(f"{c.node:<10} {c.agent:<8} r{c.round} g{c.group_id[:6]}#{c.sample_index} {c.version:<8} "
@@ -278,12 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     traces = sub.add_parser("traces", help="inspect or export a trace store")
-    traces.add_argument("action", choices=["show", "export"])
+    traces.add_argument("action", choices=["show", "export", "export-otel"])
     traces.add_argument("--traces", default=DEFAULT_TRACES)
-    traces.add_argument("--episode", default=None, help="show the calls of one episode (id prefix)")
+    traces.add_argument("--episode", default=None, action="extend", nargs="+", metavar="ID",
+                        help="show the calls of these episodes (id prefixes); export-otel: export only these")
     traces.add_argument("--last", type=int, default=10, help="episodes to list")
     traces.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     traces.add_argument("--out", default=None)
+    traces.add_argument("--endpoint", default=None,
+                        help="export-otel: OTLP/HTTP collector URL, e.g. http://127.0.0.1:4318 (else --out FILE.jsonl)")
+    traces.add_argument("--content", action="store_true", help="export-otel: include prompt and completion text")
     traces.set_defaults(func=cmd_traces)
 
     graph = sub.add_parser("graph", help="print a topology as mermaid (or write it with --out FILE)")

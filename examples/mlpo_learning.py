@@ -160,16 +160,8 @@ def main() -> None:
         max_minutes=args.minutes,
         concurrency=16,
     )
-    from mlpo_agents.rubric import Rubric, use_rubric, with_call_lenient
-    from mlpo_agents.tasks import load_task
-
-    # Record the call-level rewards the recipe weighs (a `lenient` entry only when it is asked for).
-    rubric = Rubric.for_task(load_task(args.task, split="test", limit=1)[0])
-    if args.format_reward == "lenient":
-        rubric = with_call_lenient(rubric)
     start = time.perf_counter()
-    with use_rubric(rubric):
-        result = train(config)
+    result = train(config)
     results = report(result, args, config, time.perf_counter() - start)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(markdown(results))

@@ -15,6 +15,7 @@ from mlpo_agents.tasks.base import Task
 from mlpo_agents.testing import ScriptedModel, scripted_team
 from mlpo_agents.trace import ModelCall, Reward, TraceStore
 from mlpo_agents.trainers import malt
+from mlpo_agents.trainers.loop import Checkpointer
 from mlpo_agents.trainers.malt import MALTConfig, assign_values, build_datasets, build_tree, walk
 
 # ------------------------------------------------------------------------------------------- a hand-built tree
@@ -263,8 +264,9 @@ def test_resume_skips_expanded_questions_and_finished_roles(tmp_path, mixed_rewa
     assert ran == ["sft/generator", "dpo/generator", "sft/verifier", "dpo/verifier"]
     with TraceStore(tmp_path / "run" / "traces.sqlite") as store:
         calls_before = len(store.calls())
-    state = json.loads((tmp_path / "run" / "malt_state.json").read_text())
-    assert state["done"] == ["generator/sft", "generator/dpo", "verifier/sft"]
+    checkpoint = Checkpointer(tmp_path / "run").latest()  # the run's state after each finished phase
+    assert checkpoint is not None and checkpoint.step == 3
+    assert checkpoint.state["done"] == ["generator/sft", "generator/dpo", "verifier/sft"]
 
     ran.clear()
     result = malt.train(tiny_config(tmp_path, resume=True))

@@ -82,6 +82,24 @@ def test_config_is_validated():
     )
 
 
+def test_one_tiny_step_through_the_run_scaffold(tmp_path):
+    """Default tier: one online step; a zero `max_minutes` budget makes it the last one, checkpointed with the
+    typed state, and a resumed run at that step has nothing left to do."""
+    from mlpo_agents.trainers.loop import Checkpointer
+
+    small = dict(steps=3, group_size=2, questions_per_step=1, train_questions=2, save_every=5, max_minutes=0)
+    result = train(config(tmp_path, **small))
+    assert result.steps == 1 and result.adapter == tmp_path / "adapters" / "step-1"
+    assert (result.adapter / "adapter_model.safetensors").is_file()
+    assert [r["version"] for r in result.history if "version" in r] == ["step-1"]
+    assert result.summary()["adapters"] == {"leader": str(result.adapter)} and result.evaluation == {}
+    checkpoint = Checkpointer(tmp_path).latest()
+    assert checkpoint is not None and checkpoint.step == 1
+    assert checkpoint.state["cursor"] == 1 and {"easy", "pool", "eval_pool", "evaluation"} <= set(checkpoint.state)
+    again = train(config(tmp_path, **{**small, "steps": 1, "resume": True}))
+    assert again.steps == 1 and [r["step"] for r in again.history if "loss" in r] == [1]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """4 steps in one go, checkpoints at 2 and 4 (shared by several tests)."""

@@ -77,3 +77,17 @@ def test_pool_filter_config_errors():
         MLPOConfig(easy_filter="peers")
     with pytest.raises(ValueError, match="keep peer_pool=True"):
         MLPOConfig(peer_pool=False)
+
+
+def test_lenient_shaping_is_recorded_per_call_and_weighed(tmp_path):
+    """format_reward="lenient": each leader call gets a `lenient` reward (right under the lenient rule), and
+    the batch weighs it beside strict correctness."""
+    from mlpo_agents.trainers.batch import load_events
+
+    train(tiny_config(tmp_path, format_reward="lenient", format_weight=0.5))
+    store = TraceStore(tmp_path / "traces.sqlite")
+    calls, rewards = load_events(store, roles=("leader",))
+    lenient = {r.call_id for r in rewards if r.name == "lenient"}
+    assert calls and lenient == {c.call_id for c in calls}, "one lenient reward per leader call"
+    assert not [r for r in store.rewards() if r.name == "lenient" and r.call_id not in lenient], "leader calls only"
+    store.close()

@@ -7,6 +7,9 @@
   a model client that keeps its adapter routing.
 - `load_adapter_weights`, `TrainableLora` (with `mlpo_agents.adapters`): the local engine serving a
   role, hot-loading an adapter into it, and the trainable LoRA copy (model, optimizer, served version).
+
+The run itself (seeding, typed state, resume, the step loop, the result) is `trainers.run`; TRL's SFT and
+DPO on recorded tokens are `trainers.trl_glue`.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ class PolicyGradientConfig(RunConfig):
     save_every: int = 0
     """Checkpoint every N steps (0: only adapters, no resumable checkpoint)."""
     max_minutes: float | None = None
-    """Stop training after this wall time in minutes (checked between steps; MLPO leaves evaluation and SFT
-    warm-up out of it)."""
+    """Stop training after this much time in steps, in minutes (checked after each step; evaluation and the SFT
+    warm-up are left out of it)."""
 
 
 # ------------------------------------------------------------------------------------------- data and rollouts
@@ -164,9 +167,13 @@ def lora_copy(spec: str, config: RunConfig, seed: int) -> Any:
 
 
 class TrainableLora:
-    """A trainable LoRA copy of a zoo model, its AdamW optimizer, and the local engine serving its adapters."""
+    """A trainable LoRA copy of a zoo model, its AdamW optimizer, and the local engine serving its adapters
+    to `role` through `client` (what `run.Run` restores, publishes and checkpoints: a `run.Trainee`)."""
 
-    def __init__(self, spec: str, config: PolicyGradientConfig, seed: int):
+    def __init__(
+        self, spec: str, config: PolicyGradientConfig, seed: int, *, role: str, client: Any, adapters: Path,
+        prefix: str = "",
+    ):  # fmt: skip
         import torch
 
         from mlpo_agents import zoo
@@ -181,11 +188,23 @@ class TrainableLora:
             weight_decay=config.weight_decay,
         )
         self.engine = get_engine(spec)
+        # adapters: the folder of the published adapters (step-N); prefix: of their served version names
+        self.role, self.client, self.adapters, self.prefix = role, client, adapters, prefix
         self.version = "base"
 
-    def serve(self, client: Any, role: str, name: str, folder: Path) -> None:
-        """Hot-load the adapter in `folder` as `name`, route `role` to it and unload the previous version."""
-        serve_adapter(client, self.engine, role, name, folder, self.spec, self.base_model)
+    def publish(self, step: int, folder: Path | None = None) -> Path:
+        """Save the adapter as `<adapters>/step-N` (unless `folder` holds it) and hot-load it as
+        `<prefix>step-N`: the role's next calls sample from it. Returns the folder."""
+        from .lora import save_adapter
+
+        target = self.adapters / f"step-{step}"
+        folder = folder or save_adapter(self.model, target, base_model=self.base_model, meta={"step": step})
+        self.serve(f"{self.prefix}step-{step}", folder)
+        return folder
+
+    def serve(self, name: str, folder: Path) -> None:
+        """Hot-load the adapter in `folder` as `name`, route the role to it and unload the previous version."""
+        serve_adapter(self.client, self.engine, self.role, name, folder, self.spec, self.base_model)
         previous, self.version = self.version, name
         if previous not in ("base", name):
             self.engine.unload_adapter(previous)

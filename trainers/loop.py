@@ -8,6 +8,7 @@
   state (cursor, pool, ...). It is written to a temporary folder and renamed into place, with a
   manifest of sha256 sums written last, so a crash never leaves a half-written checkpoint under a
   real name and a damaged one is detected on load instead of silently resuming from garbage.
+  `trainers.run.Run` drives both for every trainer.
 - `add_subcommand`: `mlpo train --algo {mlpo,magrpo,malt} ...`, flags mapping one to one onto the
   trainer config dataclass fields.
 """
@@ -203,8 +204,17 @@ class Checkpointer:
         """Whether step `step` (1-based, after its update) should be saved."""
         return self.every > 0 and (step % self.every == 0 or last)
 
-    def save(self, step: int, *, model: Any, optimizer: Any, state: dict[str, Any], base_model: str) -> Path:
-        """Write a complete checkpoint for `step` and return its folder; older ones beyond `keep` are removed."""
+    def save(
+        self,
+        step: int,
+        *,
+        state: dict[str, Any],
+        model: Any = None,
+        optimizer: Any = None,
+        base_model: str | None = None,
+    ) -> Path:
+        """Write a complete checkpoint for `step` and return its folder; older ones beyond `keep` are removed.
+        Without `model` it holds the state and RNG only (a trainer whose steps save their own adapters)."""
         import torch
 
         from .lora import save_adapter
@@ -213,8 +223,9 @@ class Checkpointer:
         target = self.root / f"step-{step:06d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=self.root))
         try:
-            save_adapter(model, tmp / "adapter", base_model=base_model, meta={"step": step})
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if model is not None:
+                save_adapter(model, tmp / "adapter", base_model=base_model, meta={"step": step})
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, default=str))
             files = sorted(p for p in tmp.rglob("*") if p.is_file())

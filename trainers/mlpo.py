@@ -5,8 +5,10 @@ K frozen peers propose; one trainable leader reads the question and the proposal
 step samples G leader completions per question (the team graph's sampling fan-out `leader_samples=G`,
 one group id), scores them, and makes one GRPO update of the leader's LoRA adapter with Dr. GRPO
 advantages (reward minus group mean, no std) and PPO clipping. The new adapter is saved and hot-loaded
-into the engine that serves the leader, so the next step samples from it. Entry points: `MLPOConfig`,
-`train` (the loop), `online_steps` / `offline_steps` (what one step does); `mlpo_eval.evaluate` (team and solo).
+into the engine that serves the leader, so the next step samples from it. Read top to bottom: `MLPOConfig`,
+`MLPOState` (what a checkpoint carries), `Policy` (the leader's LoRA copy and its engine), `train` (setup, then
+`run.run_training`); what one step does is `mlpo_steps` (`OnlineSteps`, `offline_steps`); evaluation (team and
+solo) is `mlpo_eval.evaluate`.
 
 Fidelity — deviations from the paper, and why (each a named option where it is a choice):
 - LoRA instead of full fine-tuning (CPU budget); the trained adapter is what the engine serves.
@@ -46,25 +48,19 @@ Fidelity — deviations from the paper, and why (each a named option where it is
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import random
-import time
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlpo_agents.adapters import role_spec
 
-from .common import (
-    PolicyGradientConfig,
-    TrainableLora,
-    load_split,
-    run_episodes,
-    run_episodes_together,
-)
-from .loop import Checkpointer, TrainLogger, progress, set_rng_state
+from .common import PolicyGradientConfig, TrainableLora, load_split
+from .mlpo_eval import evaluate_run
+from .mlpo_steps import OnlineSteps, offline_batch, offline_steps, warm_up
+from .run import Run, RunState, TrainResult, run_training
+
+__all__ = ["MLPOConfig", "MLPOState", "Policy", "TrainResult", "leader_spec", "train"]
 
 Aggregation = str
 
@@ -175,49 +171,17 @@ class MLPOConfig(PolicyGradientConfig):
 
 
 @dataclass
-class TrainResult:
-    """What `train` returns."""
+class MLPOState(RunState):
+    """What an MLPO run carries from step to step and in its checkpoints (with `RunState.evaluation`)."""
 
-    out: Path
-    adapter: Path
-    """The final adapter folder (peft format)."""
-    steps: int
-    evaluation: dict[str, dict[str, Any]]
-    """{"before": {...}, "after": {...}}: team and solo accuracy on held-out questions (see `mlpo_eval.evaluate`)."""
-    history: list[dict[str, Any]]
-    wall_s: float
-
-    def summary(self) -> dict[str, Any]:
-        """A JSON-able digest (what `mlpo train` prints)."""
-        return {
-            "out": str(self.out),
-            "adapter": str(self.adapter),
-            "steps": self.steps,
-            "evaluation": self.evaluation,
-            "wall_s": round(self.wall_s, 1),
-        }
-
-
-# ------------------------------------------------------------------------------------------- setup
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A per-step sampling seed derived from the run seed (reproducible, different each step)."""
-    return random.Random(f"mlpo/{seed}/{step}/{salt}").getrandbits(31)
-
-
-def seeded_team(team: Any, seed: int, *, leader_temperature: float | None = None) -> Any:
-    """A copy of `team` whose leader and every peer agent sample with their own fixed seed."""
-    roles = {name: rc.model_copy(deep=True) for name, rc in team.roles.items()}
-    for i, name in enumerate(
-        ["leader", *[f"peer-{k}" for k in range(1, int(team.params.get("peers", 0)) + 1)]]
-    ):
-        rc = roles.get(name) or team.role(name).model_copy(deep=True)
-        rc.sampling.seed = (seed + 7919 * i) % (1 << 31)
-        if name == "leader" and leader_temperature is not None:
-            rc.sampling.temperature = leader_temperature
-        roles[name] = rc
-    return team.model_copy(update={"roles": roles})
+    cursor: int = 0
+    """Train questions drawn so far (the next step starts at this index, modulo the question list)."""
+    easy: list[str] = field(default_factory=list)
+    """Ids of the questions found easy (never trained on again)."""
+    pool: dict[str, Any] | None = None
+    """The training peer pool (`PeerPool.to_json`)."""
+    eval_pool: dict[str, Any] | None = None
+    """The evaluation peer pool: every evaluation of the run shows the leader the same proposals."""
 
 
 def leader_spec(team: Any) -> str:
@@ -233,182 +197,9 @@ class Policy(TrainableLora):
     def __init__(self, config: MLPOConfig, team: Any, spec: str, store: Any):
         from mlpo_agents.models import ModelClient
 
-        super().__init__(spec, config, seed=config.seed)
+        adapters = Path(config.out) / "adapters"
+        super().__init__(spec, config, config.seed, role="leader", client=ModelClient(team, store), adapters=adapters)
         self.config = config
-        self.client = ModelClient(team, store)
-        self.adapters = Path(config.out) / "adapters"
-
-    def publish(self, step: int, folder: Path | None = None) -> Path:
-        """Save the adapter (unless given) and hot-load it: the leader's next calls sample from it."""
-        from .lora import save_adapter
-
-        name = f"step-{step}"
-        folder = folder or save_adapter(self.model, self.adapters / name, base_model=self.base_model)
-        self.serve(self.client, "leader", name, folder)
-        return folder
-
-
-# ------------------------------------------------------------------------------------------- rollouts
-
-
-def rollout(
-    policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any, *, task_name: str, **options: Any
-) -> Any:
-    """Run the team on `tasks` with the leader's current adapter; returns the runner's RunSummary."""
-    return run_episodes(
-        policy.client,
-        team,
-        tasks,
-        store,
-        task_name=task_name,
-        concurrency=policy.config.concurrency,
-        progress=False,
-        graph=graph,
-        **options,
-    )
-
-
-def episode_batch(store: Any, summary: Any, order: list[str], policy: Policy) -> Any:
-    """The leader's calls and rewards of a rollout as a TrajectoryBatch, groups in question order."""
-    from .batch import load_events, traces_to_batch
-
-    position = {task_id: i for i, task_id in enumerate(order)}
-    task_of = {r.episode_id: r.task_id for r in summary.results}
-    calls, rewards = load_events(store, episode_ids=list(task_of), roles=("leader",))
-    calls.sort(key=lambda c: (position[task_of[c.episode_id]], c.round, c.sample_index))
-    return traces_to_batch(calls, rewards, **batch_options(policy))
-
-
-def batch_options(policy: Any) -> dict[str, Any]:
-    """The `traces_to_batch` settings of this run (`policy`: anything with config, base_model, tokenizer)."""
-    c = policy.config
-    return dict(
-        roles=("leader",),
-        base_model=policy.base_model,
-        # Only ask for a format reward when it counts: stores recorded without one stay usable.
-        reward_names=(c.reward_name, c.format_reward) if c.format_weight else (c.reward_name,),
-        reward_weights={c.reward_name: 1.0, c.format_reward: c.format_weight} if c.format_weight else None,
-        pad_token_id=policy.tokenizer.pad_token_id or 0,
-        std_scale=c.std_scale,
-        max_len=c.max_len,
-    )
-
-
-def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
-    """`update_epochs` GRPO steps on one batch (none when every group's rewards are equal: no signal).
-
-    With `tempered_policy` the ratio's old policy is the tempered policy of the weights at the start of
-    the update (see `trainers.update`): the detached current logprobs for one epoch, one no-grad forward
-    before the first of several.
-    """
-    from .update import OldLogprobs, policy_update, with_current_logprobs
-
-    c = policy.config
-    if c.kl_coef == 0 and not batch.advantages.any():
-        # A zero gradient would still move the weights through Adam's momentum; skip the step instead.
-        return {"loss": 0.0, "grad_norm": 0.0, "update_skipped": 1.0}
-    old_logprobs: OldLogprobs = "batch"
-    if c.tempered_policy and c.update_epochs == 1:
-        old_logprobs = "current"
-    elif c.tempered_policy:
-        batch = with_current_logprobs(
-            policy.model, batch, tempered_policy=True, micro_batch_size=c.micro_batch_size
-        )
-    for _ in range(c.update_epochs):
-        metrics = policy_update(
-            policy.model,
-            policy.optimizer,
-            batch,
-            loss="grpo",
-            micro_batch_size=c.micro_batch_size,
-            max_grad_norm=c.max_grad_norm,
-            tempered_policy=c.tempered_policy,
-            old_logprobs=old_logprobs,
-            clip_eps=c.clip_eps,
-            kl_coef=c.kl_coef,
-            kl_estimator=c.kl_estimator,
-            aggregation=c.aggregation,
-            max_tokens=max_tokens,
-        )
-    return metrics
-
-
-def batch_metrics(batch: Any) -> dict[str, float]:
-    """Reward and batch statistics for the log."""
-    return {
-        "reward/mean": batch.rewards.mean().item(),
-        "batch/rows": len(batch),
-        "batch/completion_tokens": batch.completion_lengths.float().mean().item(),
-        **{
-            f"batch/{k}": v
-            for k, v in batch.stats.as_dict().items()
-            if k in ("groups", "zero_advantage_groups", "dropped")
-        },
-    }
-
-
-# ------------------------------------------------------------------------------------------- SFT warm-up
-
-
-def sft_warmup(policy: Policy, examples: list[Any]) -> dict[str, float]:
-    """TRL SFTTrainer on pre-tokenized leader completions (token-exact: loss on completion tokens only)."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    c = policy.config
-    if not examples:
-        raise ValueError(
-            "SFT warm-up found no correct leader completions; lower sft_steps to 0 or pass traces"
-        )
-    rows = [
-        {
-            "input_ids": e.prompt_token_ids + e.completion_token_ids,
-            "labels": [-100] * len(e.prompt_token_ids) + e.completion_token_ids,
-        }
-        for e in examples
-    ]
-    args = SFTConfig(
-        output_dir=str(Path(c.out) / "sft"),
-        max_steps=c.sft_steps,
-        learning_rate=c.sft_lr,
-        per_device_train_batch_size=min(4, len(rows)),
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=c.seed,
-        use_cpu=True,
-        max_length=None,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        gradient_checkpointing=False,  # TRL's default (True) would stay on for the GRPO steps after it
-    )
-    trainer = SFTTrainer(
-        model=policy.model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=policy.tokenizer,
-    )
-    output = trainer.train()
-    policy.model.eval()
-    return {"sft/loss": float(output.training_loss), "sft/examples": len(rows)}
-
-
-def correct_leader_calls(store: Any, base_model: str, episode_ids: list[str] | None = None) -> list[Any]:
-    """Leader calls of `base_model` with correctness 1 (and a well-formed answer), one per prompt+text."""
-    from .batch import load_events
-
-    calls, rewards = load_events(store, episode_ids=episode_ids, roles=("leader",))
-    good = {r.call_id for r in rewards if r.name == "correct" and r.call_id and r.value >= 1.0}
-    seen, out = set(), []
-    for c in calls:
-        key = (tuple(c.prompt_token_ids), c.text)
-        if c.call_id in good and c.base_model == base_model and c.completion_token_ids and key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- training
 
 
 def train(config: MLPOConfig) -> TrainResult:
@@ -416,17 +207,6 @@ def train(config: MLPOConfig) -> TrainResult:
     from mlpo_agents.config import load_team
     from mlpo_agents.trace import TraceStore
 
-    from .mlpo_eval import (
-        BASELINE,
-        baseline_fingerprint,
-        eval_metrics,
-        evaluate,
-        load_baseline,
-    )
-
-    start = time.perf_counter()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     team = load_team(config.team)
     spec = leader_spec(team)
     sampled_at = config.leader_temperature
@@ -437,276 +217,31 @@ def train(config: MLPOConfig) -> TrainResult:
             f"team {team.name!r} serves a greedy leader (temperature {sampled_at}): GRPO needs G different "
             "samples per question; set leader_temperature (e.g. --set leader_temperature=0.7)"
         )
-    store = TraceStore(config.traces or out / "traces.sqlite")
-    recorded = (
-        offline_batch(config, spec, store) if config.offline else None
-    )  # fail fast, before loading models
+    store = TraceStore(config.traces or Path(config.out) / "traces.sqlite")
+    recorded = offline_batch(config, spec, store) if config.offline else None  # fail fast, before loading models
+    state = MLPOState()
+    run = Run(config, state, save_every=config.save_every)
     policy = Policy(config, team, spec, store)
-    logger = TrainLogger(out, dataclasses.asdict(config), resume=config.resume)
-    checkpointer = Checkpointer(out, config.save_every)
-    state: dict[str, Any] = {"cursor": 0, "easy": [], "pool": None, "evaluation": {}}
-    first_step = 0
-
-    checkpoint = checkpointer.latest() if config.resume else None
-    if checkpoint is not None:
-        policy.restore(checkpoint.adapter)
-        policy.optimizer.load_state_dict(checkpoint.optimizer_state())
-        set_rng_state(checkpoint.rng())
-        state, first_step = checkpoint.state, checkpoint.step
-        policy.publish(first_step, checkpoint.adapter)
-        logger.truncate(first_step)
-    elif config.resume:
-        print(f"no checkpoint in {checkpointer.root}: starting from step 0")
-
-    if first_step == 0 and config.eval_questions and "before" not in state["evaluation"]:
-        fingerprint = baseline_fingerprint(config, team)
-        if config.baseline_from:
-            state["evaluation"]["before"], state["eval_pool"] = load_baseline(config.baseline_from, fingerprint)
-            print(f"reusing the untrained evaluation of {config.baseline_from}")
-        else:
-            state["evaluation"]["before"] = evaluate(policy, team, config, label="before", state=state)
-        (out / BASELINE).write_text(
-            json.dumps(
-                {"fingerprint": fingerprint, "before": state["evaluation"]["before"], "eval_pool": state["eval_pool"]}
-            )
+    run.resume({"leader": run.out}, {"leader": policy})  # on resume, `state` is the checkpoint's
+    with rollout_rubric(config):
+        result = run_training(
+            run,
+            offline_steps(policy, config, *recorded) if recorded else OnlineSteps(policy, team, config, store, state),
+            steps=config.steps,
+            evaluate=lambda label: evaluate_run(policy, team, config, state, label),
+            eval_every=config.eval_every,
+            warmup=(lambda: warm_up(policy, team, config, store)) if config.sft_steps else None,
+            max_minutes=config.max_minutes,
         )
-        logger.log(0, eval_metrics(state["evaluation"]["before"]))
-    if first_step == 0 and config.sft_steps and not state.get("sft_done"):
-        metrics = sft_warmup(policy, collect_sft_examples(policy, team, config, store))
-        policy.publish(0)
-        state["sft_done"] = True
-        logger.log(0, metrics)
-
-    steps = (
-        offline_steps(policy, config, *recorded)
-        if recorded is not None
-        else online_steps(policy, team, config, store, state)
-    )
-    bar = progress(config.steps, first_step, config.progress)
-    step, train_start = first_step, time.perf_counter()  # max_minutes counts training steps, not evaluation
-    for step in range(first_step + 1, config.steps + 1):
-        metrics = steps(step)
-        policy.publish(step)
-        metrics["version"] = policy.version
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            metrics.update(eval_metrics(evaluate(policy, team, config, label=f"step{step}", state=state)))
-        logger.log(step, metrics)
-        out_of_time = (
-            config.max_minutes is not None and time.perf_counter() - train_start > 60 * config.max_minutes
-        )
-        if checkpointer.due(step, last=step == config.steps or out_of_time):
-            checkpointer.save(
-                step,
-                model=policy.model,
-                optimizer=policy.optimizer,
-                state=state,
-                base_model=policy.base_model,
-            )
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                reward=f"{metrics.get('reward/mean', float('nan')):.2f}", loss=f"{metrics['loss']:.3f}"
-            )
-        if out_of_time:
-            print(f"stopping after step {step}: max_minutes={config.max_minutes} reached")
-            break
-    if bar is not None:
-        bar.close()
-
-    if config.eval_questions:
-        state["evaluation"]["after"] = evaluate(policy, team, config, label="after", state=state)
-        logger.log(step, eval_metrics(state["evaluation"]["after"]))
-    logger.close()
     store.close()
-    return TrainResult(
-        out,
-        policy.adapters / policy.version if step else Path(),
-        step,
-        state["evaluation"],
-        logger.history,
-        time.perf_counter() - start,
-    )
+    return result
 
 
-def online_steps(policy: Policy, team: Any, config: MLPOConfig, store: Any, state: dict[str, Any]) -> Any:
-    """A function `step -> metrics` that samples this step's questions with the team and updates the leader."""
-    from mlpo_agents.graphs import build_topology
-    from mlpo_agents.graphs.pooled_peers import PeerPool
+def rollout_rubric(config: MLPOConfig) -> contextlib.AbstractContextManager[Any]:
+    """Score this run's episodes so that the reward `format_reward` names is recorded per call: the
+    rubric in use (`use_rubric`, else the task's) plus a call-level `lenient` entry when it is asked for."""
+    from mlpo_agents.rubric import rubric_for, use_rubric, with_call_lenient
 
-    questions = load_split(config, "train", config.train_questions)
-    random.Random(config.seed).shuffle(questions)
-    peers = int(team.params.get("peers", 0))
-    params = {**team.params, "leader_samples": config.group_size}
-    pool = PeerPool.from_json(state["pool"]) if state.get("pool") else PeerPool()
-    if config.peer_pool and peers > 0 and team.topology == "leader_peers":
-        graph = build_topology(
-            "mlpo_agents.graphs.pooled_peers:build_pooled_peers",
-            **params,
-            pool=pool,
-            pool_samples=config.pool_samples,
-        )
-    else:
-        graph = build_topology(team.topology, **params)
-    easy = set(state["easy"])
-    max_tokens = team.role("leader").sampling.max_tokens
-    prefilter = config.easy_threshold is not None and config.easy_filter == "pool" and peers > 0
-    fill = (
-        build_topology(
-            "mlpo_agents.graphs.pooled_peers:build_peer_fill", peers=peers, pool=pool, pool_samples=config.pool_samples
-        )
-        if prefilter
-        else None
-    )
-
-    def screen(candidates: list[Any], n: int) -> list[Any]:
-        """The paper's filter: pool the peers' answers of questions not yet pooled, drop the easy ones."""
-        fresh = [t for t in candidates if t.id not in pool]
-        if fill is not None and fresh:
-            seeded = seeded_team(team, step_seed(config.seed, n, salt=2))
-            summary = rollout(policy, seeded, fresh, store, fill, task_name=config.task, score_roles=("peer",))
-            rates = solve_rates(store, summary, role="peer")
-            easy.update(task_id for task_id, rate in rates.items() if rate >= config.easy_threshold)  # type: ignore[operator]
-        return [t for t in candidates if t.id not in easy]
-
-    def next_questions(n: int) -> list[Any]:
-        chosen: list[Any] = []
-        scanned = 0
-        while len(chosen) < config.questions_per_step and scanned < len(questions):
-            candidates: list[Any] = []
-            while len(chosen) + len(candidates) < config.questions_per_step and scanned < len(questions):
-                task = questions[state["cursor"] % len(questions)]
-                state["cursor"] += 1
-                scanned += 1
-                if task.id not in easy:
-                    candidates.append(task)
-            chosen += screen(candidates, n) if prefilter else candidates
-        if not chosen:
-            raise RuntimeError(
-                f"every train question is solved >= {config.easy_threshold} of the time; "
-                "use harder questions or raise easy_threshold"
-            )
-        return chosen
-
-    solo_count = min(round(config.questions_per_step * config.solo_fraction), config.questions_per_step - 1)
-    if solo_count and team.topology != "leader_peers":
-        raise ValueError(f"solo_fraction needs the leader_peers topology (peers=0 is the leader alone), not {team.topology!r}")
-    solo_graph = build_topology(team.topology, **{**params, "peers": 0}) if solo_count else None
-
-    def step(n: int) -> dict[str, Any]:
-        tasks = next_questions(n)
-        solo, tasks = tasks[:solo_count], tasks[solo_count:]
-        pool.pick = n  # each reuse shows another pooled peer sample when pool_samples > 1
-        hits = pool.hits
-        t0 = time.perf_counter()
-        seeded = seeded_team(team, step_seed(config.seed, n), leader_temperature=config.leader_temperature)
-        summary, solo_summary = run_episodes_together(
-            policy.client, seeded, [(tasks, graph), (solo, solo_graph)], store,
-            task_name=config.task, concurrency=config.concurrency,
-        )  # fmt: skip
-        solo_summary = solo_summary if solo else None
-        rollout_s = time.perf_counter() - t0
-        order = [t.id for t in solo + tasks]
-        batch = episode_batch(store, merged(summary, solo_summary), order, policy)
-        rates = solve_rates(store, summary)
-        if config.easy_threshold is not None and config.easy_filter == "leader":
-            easy.update(task_id for task_id, rate in rates.items() if rate >= config.easy_threshold)
-        state["easy"], state["pool"] = sorted(easy), pool.to_json()
-        metrics = update(policy, batch, max_tokens)
-        extra = {}
-        if solo_summary is not None:
-            solo_rates = solve_rates(store, solo_summary)
-            extra["reward/correct_solo"] = sum(solo_rates.values()) / max(len(solo_rates), 1)
-        return {
-            **metrics,
-            **batch_metrics(batch),
-            "reward/correct": sum(rates.values()) / max(len(rates), 1),
-            **extra,
-            "rollout_s": rollout_s,
-            "team_accuracy_train": summary.accuracy,
-            "easy_questions": len(easy),
-            "pool/hits": pool.hits - hits,
-        }
-
-    return step
-
-
-def merged(summary: Any, other: Any | None) -> Any:
-    """The episode results of two rollouts, as one summary-like object for `episode_batch`."""
-    from types import SimpleNamespace
-
-    return summary if other is None else SimpleNamespace(results=[*other.results, *summary.results])
-
-
-def solve_rates(store: Any, summary: Any, role: str = "leader") -> dict[str, float]:
-    """Per question of a rollout: the fraction of its `role` samples that were correct."""
-    task_of = {r.episode_id: r.task_id for r in summary.results}
-    leader = {c.call_id for c in store.calls(episode_id=list(task_of), role=role)}
-    values: dict[str, list[float]] = {}
-    for r in store.rewards(episode_id=list(task_of), name="correct"):
-        if r.call_id in leader:
-            values.setdefault(task_of[r.episode_id], []).append(r.value)
-    return {task_id: sum(v) / len(v) for task_id, v in values.items()}
-
-
-def offline_batch(config: MLPOConfig, spec: str, store: Any) -> tuple[Any, int]:
-    """Every usable leader group of `store` as one batch, and the generation budget it was sampled with."""
-    from types import SimpleNamespace
-
-    from mlpo_agents import zoo
-
-    from .batch import load_events, traces_to_batch
-
-    run = SimpleNamespace(config=config, base_model=zoo.base_model_id(spec), tokenizer=zoo.resolve(spec)[1])
-
-    calls, rewards = load_events(store, roles=("leader",))
-    if not calls:
-        raise ValueError(
-            f"offline mode: {config.traces} has no leader calls; record episodes with `mlpo run` first"
-        )
-    try:
-        full = traces_to_batch(calls, rewards, **batch_options(run))
-    except ValueError as e:
-        raise type(e)(f"offline mode on {config.traces}: {e}") from None
-    # Dr. GRPO's constant: the generation budget the traces were sampled with.
-    return full, int(calls[0].sampling.get("max_tokens") or full.completion_lengths.max())
-
-
-def offline_steps(policy: Policy, config: MLPOConfig, full: Any, max_tokens: int) -> Any:
-    """A function `step -> metrics` over the recorded groups, `offline_epochs` passes, shuffled per epoch."""
-    groups = len(full.group_ids)
-    per_epoch = math.ceil(groups / config.questions_per_step)
-    order: list[int] = []
-    for epoch in range(config.offline_epochs):
-        perm = list(range(groups))
-        random.Random(f"{config.seed}/{epoch}").shuffle(perm)
-        order += perm
-
-    def step(n: int) -> dict[str, Any]:
-        chunk = (n - 1) % (per_epoch * config.offline_epochs)
-        chosen = set(order[chunk * config.questions_per_step : (chunk + 1) * config.questions_per_step])
-        rows = [b for b in range(len(full)) if int(full.group_index[b]) in chosen]
-        batch = full.select(rows)
-        metrics = update(policy, batch, max_tokens)
-        return {**metrics, **batch_metrics(batch), "epoch": chunk // per_epoch}
-
-    return step
-
-
-def collect_sft_examples(policy: Policy, team: Any, config: MLPOConfig, store: Any) -> list[Any]:
-    """Correct leader completions for the warm-up: from the store if it has some, else a fresh rollout."""
-    from mlpo_agents.graphs import build_topology
-
-    found = correct_leader_calls(store, policy.base_model)
-    if found or config.offline:
-        return found
-    tasks = load_split(config, "train", config.sft_questions, seed=config.seed + 1)
-    params = {**team.params, "leader_samples": config.group_size}
-    summary = rollout(
-        policy,
-        seeded_team(team, step_seed(config.seed, 0, salt=1), leader_temperature=config.leader_temperature),
-        tasks,
-        store,
-        build_topology(team.topology, **params),
-        task_name=config.task,
-    )
-    return correct_leader_calls(store, policy.base_model, [r.episode_id for r in summary.results])
+    if config.format_reward != "lenient" or not config.format_weight or config.offline:
+        return contextlib.nullcontext()
+    return use_rubric(with_call_lenient(rubric_for(load_split(config, "test", 1)[0])))

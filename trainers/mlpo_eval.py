@@ -14,20 +14,38 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .common import load_split
-from .mlpo import MLPOConfig, Policy, rollout, seeded_team, step_seed
+from .mlpo_steps import leader_team, rollout
+from .run import EVAL_STEP, step_seed
+
+if TYPE_CHECKING:
+    from .mlpo import MLPOConfig, MLPOState, Policy
 
 
-def evaluate(
-    policy: Policy, team: Any, config: MLPOConfig, *, label: str, state: dict[str, Any]
-) -> dict[str, Any]:
+def evaluate_run(policy: Policy, team: Any, config: MLPOConfig, state: MLPOState, label: str) -> dict[str, Any]:
+    """The run's evaluation `label`; "before" is reused from `baseline_from` when given, and written to
+    `BASELINE` with the evaluation pool either way."""
+    if label != "before":
+        return evaluate(policy, team, config, label=label, state=state)
+    fingerprint = baseline_fingerprint(config, team)
+    if config.baseline_from:
+        before, state.eval_pool = load_baseline(config.baseline_from, fingerprint)
+        print(f"reusing the untrained evaluation of {config.baseline_from}")
+    else:
+        before = evaluate(policy, team, config, label=label, state=state)
+    saved = {"fingerprint": fingerprint, "before": before, "eval_pool": state.eval_pool}
+    (Path(config.out) / BASELINE).write_text(json.dumps(saved))
+    return before
+
+
+def evaluate(policy: Policy, team: Any, config: MLPOConfig, *, label: str, state: MLPOState) -> dict[str, Any]:
     """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1.
 
     Accuracy is the strict answer rule (what trains); `*_lenient_accuracy` is the lenient figure, and
     `*_correct` maps each task id to its strict outcome (for paired tests). The peers answer each
-    held-out question once (an evaluation pool kept in `state["eval_pool"]`): every evaluation of a run
+    held-out question once (an evaluation pool kept in `state.eval_pool`): every evaluation of a run
     shows the leader the same proposals, so before and after differ only by the leader.
     """
     from mlpo_agents.graphs import build_topology
@@ -36,14 +54,14 @@ def evaluate(
 
     tasks = load_split(config, "test", config.eval_questions)
     store = TraceStore(Path(config.out) / "eval_traces.sqlite")
-    pool = PeerPool.from_json(state["eval_pool"]) if state.get("eval_pool") else PeerPool()
+    pool = PeerPool.from_json(state.eval_pool) if state.eval_pool else PeerPool()
     out: dict[str, Any] = {"questions": len(tasks)}
     for name, peers in (("team", int(team.params.get("peers", 0))), ("solo", 0)):
         params = {**team.params, "peers": peers, "leader_samples": 1}
-        eval_team = seeded_team(
+        eval_team = leader_team(
             team.model_copy(update={"params": params, "name": f"{team.name}-{name}-{label}"}),
-            step_seed(config.seed, -1),
-            leader_temperature=config.eval_temperature,
+            step_seed(config.seed, EVAL_STEP),
+            config.eval_temperature,
         )
         if peers and team.topology == "leader_peers":
             graph = build_topology("mlpo_agents.graphs.pooled_peers:build_pooled_peers", **params, pool=pool)
@@ -53,7 +71,7 @@ def evaluate(
         out[f"{name}_accuracy"] = summary.accuracy
         out[f"{name}_lenient_accuracy"] = summary.lenient_accuracy
         out[f"{name}_correct"] = {r.task_id: r.reward for r in summary.results if r.status != "failed"}
-    state["eval_pool"] = pool.to_json()
+    state.eval_pool = pool.to_json()
     store.close()
     return out
 
@@ -81,6 +99,7 @@ def load_baseline(folder: str | Path, fingerprint: dict[str, Any]) -> tuple[dict
     from mlpo_agents.config import load_team
 
     from .loop import Checkpointer
+    from .mlpo import MLPOConfig
 
     folder = Path(folder)
     if (folder / BASELINE).exists():
@@ -108,7 +127,3 @@ def load_baseline(folder: str | Path, fingerprint: dict[str, Any]) -> tuple[dict
         )
     return before, pool
 
-
-def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The scalar part of an evaluation, as `eval/...` log metrics."""
-    return {f"eval/{k}": float(v) for k, v in evaluation.items() if isinstance(v, int | float)}

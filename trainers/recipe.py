@@ -26,15 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mlpo_agents.config import TeamConfig
 
-from .estimates import (
-    GIB,
-    TrainMemory,
-    param_count,
-    role_budgets,
-    server_memory,
-    step_shapes,
-    train_memory,
-)
+from .estimates import GIB, TrainMemory, param_count, role_budgets, server_memory, step_shapes, train_memory
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 """The shipped recipes (`recipes/` at the top of the repository)."""

@@ -100,10 +100,9 @@ def adapter_label(path: str | Path) -> str:
 
 
 def apply_adapter(team: Any, client: Any, folder: str | Path) -> str:
-    """Load a peft adapter into the local engine of each trainable role and route those roles to it."""
-    from mlpo_agents import zoo
-    from mlpo_agents.engine import get_engine, parse_local_model
-    from mlpo_agents.trainers.lora import adapter_base_model
+    """Hot-load a peft adapter into the local engine of each trainable role and route those roles to it
+    (`adapters.hot_load`: the adapter must have been trained on the role's base model)."""
+    from mlpo_agents.adapters import hot_load
 
     roles = team.trainable_roles()
     if not roles:
@@ -111,25 +110,14 @@ def apply_adapter(team: Any, client: Any, folder: str | Path) -> str:
             f"team {team.name!r} has no trainable role to apply --adapter to; mark one `trainable: true`"
         )
     name = adapter_label(folder)
-    trained_on = adapter_base_model(folder)
     for role in roles:
-        deployment = team.deployment(team.role(role).model)
-        params = dict(deployment["litellm_params"])
-        if not params["model"].startswith("local/"):
+        model = team.deployment(team.role(role).model)["litellm_params"]["model"]
+        if not model.startswith("local/"):
             raise ValueError(
                 f"--adapter loads into the in-process engine, but role {role!r} of team {team.name!r} is served by "
-                f"{params['model']}; for vLLM load the LoRA on the server (`mlpo serve`) and point the team at it"
+                f"{model}; for vLLM load the LoRA on the server (`mlpo serve`) and point the team at it"
             )
-        spec, _ = parse_local_model(params["model"])
-        if zoo.base_model_id(spec) != trained_on:
-            raise ValueError(
-                f"adapter {folder} was trained on {trained_on!r}, but role {role!r} of team {team.name!r} runs "
-                f"{zoo.base_model_id(spec)!r}; evaluate it with a team on {trained_on!r}"
-            )
-        engine = get_engine(spec, **({"dtype": params["dtype"]} if params.get("dtype") else {}))
-        if name not in engine.adapters:
-            engine.load_adapter(name, folder)
-        client.use_version(role, name, {**params, "model": f"local/{spec}@{name}"})
+        hot_load(client, role, folder, name)
     return name
 
 
@@ -214,7 +202,7 @@ def run_eval(args: argparse.Namespace) -> EvalReport:
         if args.adapter:
             version = apply_adapter(team, client, args.adapter)
             team = team.model_copy(update={"name": f"{team.name}+{version}"})
-            client.team = team
+            client = client.with_team(team)
         clients[team.name] = (team, client)
         report.teams[team.name] = {
             "topology": team.topology,

@@ -9,6 +9,7 @@ context; the node name and episode id are filled in from LangGraph's run context
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -111,6 +112,20 @@ class ModelClient:
         self.stats = {"calls": 0, "samples": 0, "prompt_tokens": 0, "completion_tokens": 0, "failures": 0}
 
     # ---- routing -------------------------------------------------------------------------------
+    def with_team(self, team: TeamConfig) -> ModelClient:
+        """This client running `team`: a copy of the client's team with other roles' sampling (per-run seeds,
+        temperatures), params or name. The view shares the Router, the adapter routing (`use_version`, on either
+        side, shows on both), the trace store and the stats; `team` must deploy the same models, since the
+        Router was built from them. Nothing of this client changes."""
+        if [dict(d) for d in team.model_list] != [dict(d) for d in self.team.model_list]:
+            raise ConfigError(
+                f"team {team.name!r} deploys other models than the client's team {self.team.name!r}; its Router "
+                "cannot serve them: build a ModelClient for it"
+            )
+        view = copy.copy(self)
+        view.team = team
+        return view
+
     @staticmethod
     def _base_model_of(deployment: dict[str, Any]) -> str:
         info = deployment.get("model_info") or {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.adapters import role_spec, serve_adapter
+from mlpo_agents.adapters import hot_load
 from mlpo_agents.config import ConfigError, TeamConfig, load_team
 from mlpo_agents.graphs import build_topology, check_topology
 from mlpo_agents.models import ModelClient
@@ -307,20 +307,15 @@ class Team:
     def use_adapter(self, folder: str | Path, *, role: str | None = None, name: str | None = None) -> str:
         """Hot-load a trained LoRA adapter into the local engine serving `role` and route its calls to it.
 
-        Returns the version name the role's calls now record (the folder's name unless given).
+        Returns the version name the role's calls now record (the folder's name unless given). An adapter
+        trained on another base model is refused (`adapters.AdapterMismatchError`, naming both).
         """
-        from mlpo_agents import zoo
-        from mlpo_agents.engine import get_engine
-
         role = role or self.answer_role
         folder = Path(folder)
         if not (folder / "adapter_config.json").is_file():
             raise ValueError(f"{folder}: not a LoRA adapter folder (no adapter_config.json); pass the folder "
                              "a trainer wrote, e.g. runs/mlpo/adapters/step-2")
-        spec = role_spec(self.config, role)
-        version = name or folder.name
-        serve_adapter(self.client, get_engine(spec), role, version, folder, spec, zoo.base_model_id(spec))
-        return version
+        return hot_load(self.client, role, folder, name)
 
     def version_of(self, role: str | None = None) -> str:
         """The model version serving a role now (`base`, or the adapter's name)."""

@@ -170,3 +170,29 @@ def test_flag_algorithms_match_the_config_dataclasses():
 def test_an_option_the_algorithm_does_not_take_is_refused_clearly(capsys, flag):
     line = one_error_line(capsys, ["train", "--algo", "malt", *flag])
     assert f"{flag[0]} does not apply to --algo malt" in line and "mlpo train --help" in line
+
+
+def test_train_flags_are_generated_from_the_config_fields_and_docstrings():
+    from mlpo_agents.trainers.flags import config_fields
+    from mlpo_agents.trainers.loop import ALGOS, COMMON_FLAGS, _trainer_module
+
+    for algo, (module, config_name) in ALGOS.items():
+        config = getattr(_trainer_module(algo), config_name)
+        parsed = config_fields(module.rsplit(".", 1)[1], config_name)
+        assert [f.name for f in parsed] == [f.name for f in dataclasses.fields(config)], algo
+        for f in parsed:
+            if f.kind is not None:
+                assert f.name in COMMON_FLAGS and f.doc, f"{config_name}.{f.name}: a flag needs a docstring"
+    assert COMMON_FLAGS["clip_eps"] == (float, "PPO ratio clipping epsilon")
+    assert COMMON_FLAGS["progress"][0] is bool and "task_options" not in COMMON_FLAGS
+
+
+def test_train_help_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys; from mlpo_agents.cli import main\n"
+            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--clip-eps" in done.stdout and "--no-progress" in done.stdout and "[--algo malt only]" in done.stdout

@@ -4,9 +4,9 @@
   group-baseline policy-gradient trainers (MLPO, MAGRPO). Each trainer's config subclasses one of them
   and adds its own fields and validation; `mlpo train` maps flags onto the fields by name.
 - `load_split`, `run_episodes`: a task split as the config describes it; the team run on tasks through
-  a model client that keeps its adapter routing.
-- `load_adapter_weights`, `TrainableLora` (with `mlpo_agents.adapters`): the local engine serving a
-  role, hot-loading an adapter into it, and the trainable LoRA copy (model, optimizer, served version).
+  a view of the model client (`ModelClient.with_team`) that keeps its adapter routing.
+- `load_adapter_weights`, `TrainableLora`: the trainable LoRA copy (model, optimizer, served version), its
+  adapters saved and hot-loaded into the engine serving its role with `mlpo_agents.adapters`.
 
 The run itself (seeding, typed state, resume, the step loop, the result) is `trainers.run`; TRL's SFT and
 DPO on recorded tokens are `trainers.trl_glue`.
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.adapters import serve_adapter
+from mlpo_agents.adapters import hot_load, role_engine
+from mlpo_agents.adapters import save as save_adapter
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -118,7 +119,7 @@ def run_episodes(
     """Run `team` on `tasks` through `client` (its adapter routing is kept); returns the runner's RunSummary."""
     from mlpo_agents.runner import run_team
 
-    client.team = team  # per-run seeded sampling; routing (adapter versions) is kept
+    client = client.with_team(team)  # per-run seeded sampling; the routing (adapter versions) is the client's
     return asyncio.run(
         run_team(team, tasks, store, task_name=task_name, client=client, concurrency=concurrency, **options)
     )
@@ -131,7 +132,7 @@ def run_episodes_together(
     returns one RunSummary per job (an empty job gives an empty summary)."""
     from mlpo_agents.runner import RunSummary, run_team
 
-    client.team = team
+    client = client.with_team(team)
 
     async def run_all() -> list[Any]:
         runs = [
@@ -177,7 +178,6 @@ class TrainableLora:
         import torch
 
         from mlpo_agents import zoo
-        from mlpo_agents.engine import get_engine
 
         self.spec, self.base_model = spec, zoo.base_model_id(spec)
         self.tokenizer = zoo.resolve(spec)[1]
@@ -187,7 +187,7 @@ class TrainableLora:
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
-        self.engine = get_engine(spec)
+        self.engine = role_engine(client.team, role)  # the one `hot_load` loads into
         # adapters: the folder of the published adapters (step-N); prefix: of their served version names
         self.role, self.client, self.adapters, self.prefix = role, client, adapters, prefix
         self.version = "base"
@@ -195,16 +195,14 @@ class TrainableLora:
     def publish(self, step: int, folder: Path | None = None) -> Path:
         """Save the adapter as `<adapters>/step-N` (unless `folder` holds it) and hot-load it as
         `<prefix>step-N`: the role's next calls sample from it. Returns the folder."""
-        from .lora import save_adapter
-
         target = self.adapters / f"step-{step}"
-        folder = folder or save_adapter(self.model, target, base_model=self.base_model, meta={"step": step})
+        folder = folder or save_adapter(self.model, target, self.base_model, meta={"step": step})
         self.serve(f"{self.prefix}step-{step}", folder)
         return folder
 
     def serve(self, name: str, folder: Path) -> None:
         """Hot-load the adapter in `folder` as `name`, route the role to it and unload the previous version."""
-        serve_adapter(self.client, self.engine, self.role, name, folder, self.spec, self.base_model)
+        hot_load(self.client, self.role, folder, name)
         previous, self.version = self.version, name
         if previous not in ("base", name):
             self.engine.unload_adapter(previous)

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .flags import train_flags
+
 MANIFEST = "manifest.json"
 
 
@@ -281,32 +283,13 @@ ALGOS = {
     "malt": ("mlpo_agents.trainers.malt", "MALTConfig"),
 }
 
-# Flags every trainer config is expected to have, in the order `mlpo train --help` lists them.
-# Algorithm-specific fields are passed with `--set field=value` (parsed as JSON when possible).
-COMMON_FLAGS: dict[str, tuple[type, str]] = {
-    "team": (str, "team YAML (or a built-in: default, solo, tiny)"),
-    "task": (str, "task name (arithmetic, gsm8k, ...)"),
-    "steps": (int, "optimizer steps"),
-    "group_size": (int, "samples per context (the GRPO group size G)"),
-    "questions_per_step": (int, "questions per step"),
-    "lr": (float, "learning rate"),
-    "out": (str, "run folder (checkpoints, metrics, adapters)"),
-    "seed": (int, "seed of data order, sampling and initialisation"),
-    "save_every": (int, "checkpoint every N steps (0: never)"),
-    "traces": (str, "trace store path (offline mode reads it; online mode writes to it)"),
-}
-
-
-FLAG_ALGOS: dict[str, tuple[str, ...]] = {
-    "steps": ("mlpo", "magrpo"),
-    "group_size": ("mlpo", "magrpo"),
-    "questions_per_step": ("mlpo", "magrpo"),
-    "lr": ("mlpo", "magrpo"),
-    "offline": ("mlpo",),
-}
-"""Flags that only some algorithms take (every other flag: all of them). `mlpo train --help` shows it
-per flag without importing the trainers (torch); tests/test_docs_friction.py checks it against the
-config dataclasses."""
+COMMON_FLAGS, FLAG_ALGOS = train_flags(
+    tuple((algo, module.rsplit(".", 1)[1], config) for algo, (module, config) in ALGOS.items())
+)
+"""`mlpo train`'s flags, generated from the config dataclasses (`trainers.flags`): field -> (type, help from the
+field's docstring), in field order; and the flags only some algorithms take -> those algorithms (every other
+flag: all of them). `mlpo train --help` shows it per flag without importing the trainers (torch);
+tests/test_docs_friction.py checks it against the config dataclasses. Dicts and tuples: `--set field=value`."""
 
 
 def _takes(flag: str) -> str:
@@ -352,9 +335,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
-    for flag in ("resume", "offline"):
-        if getattr(args, flag, False):
-            values[flag] = True
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -406,18 +386,16 @@ def add_subcommand(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a team's trainable roles from their traces (MLPO, MAGRPO, MALT)",
-        description="Flags map one to one onto the trainer config (MLPOConfig, MAGRPOConfig, MALTConfig); "
-        "other fields: --set k=v. A flag marked [--algo ... only] is refused by the other algorithms.",
+        description="Flags map one to one onto the fields of the trainer config (MLPOConfig, MAGRPOConfig, "
+        "MALTConfig), with their docstrings as help; dict and tuple fields: --set k=v. A flag marked [--algo ... only] is refused by the other algorithms.",
     )
     p.add_argument("--algo", choices=sorted(ALGOS), default="mlpo", help="training algorithm")
     for name, (kind, text) in COMMON_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text + _takes(name))
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the latest complete checkpoint in --out"
-    )
-    p.add_argument(
-        "--offline", action="store_true", help="train from an existing trace store (--traces)" + _takes("offline")
-    )
+        flag, help_text = "--" + name.replace("_", "-"), text.replace("%", "%%") + _takes(name)
+        if kind is bool:  # --flag / --no-flag; None when neither is given (the config's default)
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
     p.add_argument(
         "--set",
         action="append",

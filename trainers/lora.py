@@ -1,29 +1,22 @@
 """LoRA helpers: attach a peft adapter to a zoo model, save it atomically, load it back.
 
-An adapter folder is plain peft format (`adapter_config.json` + `adapter_model.safetensors`, loadable
-by `PeftModel.from_pretrained` and by vLLM's `--lora-modules`) plus `mlpo_adapter.json`, which records
-the base model identity (`zoo.base_model_id`) so an adapter is never loaded onto other weights.
+The adapter folder format (peft + `mlpo_adapter.json`, the base model identity) and its save, metadata and
+base-model check live in `mlpo_agents.adapters`; `save_adapter` and `adapter_base_model` are its spellings here.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents import zoo
+from mlpo_agents import adapters, zoo
+from mlpo_agents.adapters import ADAPTER_META_FILE, AdapterMismatchError
 
-ADAPTER_META_FILE = "mlpo_adapter.json"
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter trained on one base model was loaded onto another."""
+__all__ = ["ADAPTER_META_FILE", "AdapterMismatchError", "LoraSettings", "attach_lora", "save_adapter",
+           "adapter_base_model", "load_adapter"]
 
 
 @dataclass
@@ -85,43 +78,13 @@ def save_adapter(
     base_model: str | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the adapter of `model` to `folder` in peft format, atomically; returns the folder.
-
-    The adapter is written to a temporary sibling folder and renamed into place, so a reader (the engine
-    reloading the leader) sees either the old adapter or the new one, never a half-written one. An
-    existing folder is moved aside first and removed after the rename (a crash in between leaves the
-    old adapter at `<folder>.old-*`). `base_model` defaults to the id recorded by `attach_lora`.
-    """
-    base_id = base_model or getattr(model, "mlpo_base_model", None)
-    if base_id is None:
-        raise ValueError(
-            "save_adapter needs base_model (the zoo.base_model_id of the weights under the adapter)"
-        )
-    target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        record = {"base_model": base_id, "saved_at": time.time(), "format": "peft-lora", **(meta or {})}
-        (tmp / ADAPTER_META_FILE).write_text(json.dumps(record, indent=2))
-        old = None
-        if target.exists():
-            old = target.with_name(f"{target.name}.old-{os.getpid()}-{time.time_ns()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Write the adapter of `model` to `folder` in peft format, atomically (`mlpo_agents.adapters.save`)."""
+    return adapters.save(model, folder, base_model, meta)
 
 
 def adapter_base_model(folder: str | os.PathLike) -> str:
-    """The base model id an adapter folder was trained on."""
-    path = Path(folder) / ADAPTER_META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {ADAPTER_META_FILE}: not an adapter saved by save_adapter")
-    return str(json.loads(path.read_text())["base_model"])
+    """The base model id an adapter folder was trained on (`mlpo_agents.adapters.base_model_of`)."""
+    return adapters.base_model_of(folder)
 
 
 def load_adapter(

@@ -17,7 +17,7 @@ call-level reward (correctness, plus `format_weight` x format; for `code_pair` t
 program). Sibling joint actions (same context) are those whose first call shares the first agent's
 group id. Each step: rollouts through `run_team` on the local engine serving the current adapters → traces
 → joint actions → one batch per agent → `trainers.update.policy_update(loss="magrpo")` per agent →
-save + hot-load every adapter (`engine.load_adapter`, `client.use_version`) → repeat.
+save + hot-load every adapter (`adapters.hot_load`) → repeat.
 
 Fidelity (paper: Liu et al. 2025, §4 and Alg. 1; reference code: OpenMLRL/CoMLRL,
 comlrl/trainers/reinforce/magrpo.py, `MAGRPOTrainer`; pinned by tests/test_magrpo.py):

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlpo_agents.adapters import role_spec, serve_adapter
+from mlpo_agents.adapters import hot_load, role_spec
+from mlpo_agents.adapters import save as save_adapter
 from mlpo_agents.eval_cells import cell_from_store
 from mlpo_agents.trace import ModelCall, Reward
 
@@ -294,25 +295,17 @@ def units_of(config: MALTConfig) -> dict[str, tuple[str, ...]]:
     return {role: (role,) for role in config.roles} if config.adapter_per_role else {"team": config.roles}
 
 
-def route(
-    client: Any, team: Any, adapters: dict[str, Path], units: dict[str, tuple[str, ...]], tag: str
-) -> None:
-    """Load each adapter into its role's engine and route the role to it."""
-    from mlpo_agents import zoo
-    from mlpo_agents.engine import get_engine
-
+def route(client: Any, adapters: dict[str, Path], units: dict[str, tuple[str, ...]], tag: str) -> None:
+    """Hot-load each adapter into its roles' engine and route the roles to it (`adapters.hot_load`)."""
     for unit, roles in units.items():
         for role in roles:
-            spec = role_spec(team, role)
-            name = f"malt-{tag}-{unit}"
-            serve_adapter(client, get_engine(spec), role, name, adapters[unit], spec, zoo.base_model_id(spec))
+            hot_load(client, role, adapters[unit], f"malt-{tag}-{unit}")
 
 
 def tree_data(config: MALTConfig, team: Any, client: Any, store: Any, run: Run[MALTState]) -> dict[str, RoleData]:
     """Expand the trees (finished questions are skipped), assign values and build each role's data; logged."""
     say(config, f"[malt] expanding {config.questions} trees (n={config.branching}: {config.branching**3} leaves each)")
     calls, rewards, tree_stats = expand_trees(config, team, client, store)
-    client.team = team
     roots = assign_values(build_tree(calls, rewards), config.threshold, config.propagate)
     data = build_datasets(roots, config.max_pairs_per_parent)
     counts = {role: d.counts for role, d in data.items()}
@@ -340,8 +333,6 @@ class MALTPhases:
     def __call__(self, n: int) -> dict[str, Any]:
         from mlpo_agents import zoo
 
-        from .lora import save_adapter
-
         config, (unit, phase) = self.config, self.phases[n - 1]
         state, roles = self.run.state, self.units[unit]
         if f"{unit}/{phase}" in state.done:
@@ -362,7 +353,7 @@ class MALTPhases:
             metrics = dpo(model, tokenizer, pairs, config, trl / f"{unit}-dpo", logger, f"dpo/{unit}", n)
             folder = adapters / unit
         meta = {"malt_phase": phase, "roles": list(roles)}
-        save_adapter(model, folder, base_model=zoo.base_model_id(spec), meta=meta)
+        save_adapter(model, folder, zoo.base_model_id(spec), meta=meta)
         state.done.append(f"{unit}/{phase}")
         return metrics
 
@@ -414,7 +405,7 @@ def train(config: MALTConfig) -> TrainResult:
     def evaluation(label: str) -> dict[str, Any]:
         if label == "after":
             tag = hashlib.sha1(str(run.out.resolve()).encode()).hexdigest()[:8]
-            route(client, team, adapters, units, tag)
+            route(client, adapters, units, tag)
         say(config, f"[malt] evaluating the {'base' if label == 'before' else 'trained'} team: "
                     f"{config.eval_questions} test questions × {config.eval_chains} chains")  # fmt: skip
         return evaluate(config, team, client, store, label)

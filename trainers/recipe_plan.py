@@ -191,7 +191,6 @@ def cmd_train_recipe(args: argparse.Namespace) -> int:
     if owned:
         raise RecipeError(f"--recipe sets the team and the trace store itself; drop {', '.join(owned)}")
     overrides = {name: getattr(args, name) for name in COMMON_FLAGS if getattr(args, name, None) is not None}
-    overrides.update({flag: True for flag in ("resume", "offline") if getattr(args, flag, False)})
     overrides.update(overrides_from_sets(args.set))
     checked = check_recipe(args.recipe, overrides)
     if args.algo not in ("mlpo", checked.recipe.trainer.algo):  # "mlpo" is --algo's default

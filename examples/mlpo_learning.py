@@ -131,6 +131,10 @@ def main() -> None:
         "--baseline-from", default=None, help="reuse the untrained evaluation of an earlier run with the same settings"
     )
     parser.add_argument("--max-steps", type=int, default=500, help="upper bound; --minutes usually stops first")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint (a second stage: "
+        "flags may change, e.g. --solo-fraction; the untrained evaluation is the first stage's)"
+    )
     args = parser.parse_args()
 
     from mlpo_agents.trainers.mlpo import MLPOConfig, train
@@ -157,6 +161,7 @@ def main() -> None:
         eval_temperature=0.0,
         save_every=5,
         seed=args.seed,
+        resume=args.resume,
         max_minutes=args.minutes,
         concurrency=16,
     )

@@ -191,21 +191,6 @@ def test_cli_flags_map_onto_the_config():
         config_from_args(_args(["--group-size", "1"]))
 
 
-def test_cli_missing_trainer_is_a_clear_error(monkeypatch):
-    import importlib
-
-    real = importlib.import_module
-
-    def fake(name, *a, **k):
-        if name == "mlpo_agents.trainers.malt":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(ValueError, match="malt trainer .* not available"):
-        config_from_args(_args(["--algo", "malt"]))
-
-
 def test_mlpo_help_lists_train(capsys):
     from mlpo_agents.cli import main
 

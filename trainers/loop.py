@@ -298,16 +298,7 @@ def _takes(flag: str) -> str:
 
 
 def _trainer_module(algo: str) -> Any:
-    module_name, _ = ALGOS[algo]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise ValueError(
-            f"`mlpo train --algo {algo}`: the {algo} trainer ({module_name}) is not available in this version yet; "
-            "use --algo mlpo"
-        ) from None
+    return importlib.import_module(ALGOS[algo][0])
 
 
 def _parse_value(text: str) -> Any:

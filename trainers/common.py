@@ -17,10 +17,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import hot_load, role_engine
 from mlpo_agents.adapters import save as save_adapter
+
+if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+    from mlpo_agents.models import ModelClient
+    from mlpo_agents.tasks.base import Task
+    from mlpo_agents.trace import TraceStore
+
 
 # ------------------------------------------------------------------------------------------- config
 
@@ -114,7 +121,7 @@ def load_split(config: RunConfig, split: str, limit: int, seed: int | None = Non
 
 
 def run_episodes(
-    client: Any, team: Any, tasks: list[Any], store: Any, *, task_name: str, concurrency: int, **options: Any
+    client: ModelClient, team: TeamConfig, tasks: list[Task], store: TraceStore, *, task_name: str, concurrency: int, **options: Any
 ) -> Any:
     """Run `team` on `tasks` through `client` (its adapter routing is kept); returns the runner's RunSummary."""
     from mlpo_agents.runner import run_team
@@ -126,7 +133,7 @@ def run_episodes(
 
 
 def run_episodes_together(
-    client: Any, team: Any, jobs: list[tuple[list[Any], Any]], store: Any, *, task_name: str, concurrency: int
+    client: ModelClient, team: TeamConfig, jobs: list[tuple[list[Any], Any]], store: TraceStore, *, task_name: str, concurrency: int
 ) -> list[Any]:
     """Run `team` on several (tasks, graph) jobs at once, so their calls share the engine's batches;
     returns one RunSummary per job (an empty job gives an empty summary)."""
@@ -172,7 +179,7 @@ class TrainableLora:
     to `role` through `client` (what `run.Run` restores, publishes and checkpoints: a `run.Trainee`)."""
 
     def __init__(
-        self, spec: str, config: PolicyGradientConfig, seed: int, *, role: str, client: Any, adapters: Path,
+        self, spec: str, config: PolicyGradientConfig, seed: int, *, role: str, client: ModelClient, adapters: Path,
         prefix: str = "",
     ):  # fmt: skip
         import torch

@@ -71,7 +71,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import role_spec
 
@@ -87,6 +87,16 @@ from .magrpo_joint import (
     joint_returns,
 )
 from .run import EVAL_STEP, Run, RunState, TrainResult, run_training, seeded_team, step_seed
+
+if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+    from mlpo_agents.models import ModelClient
+    from mlpo_agents.runner import RunSummary
+    from mlpo_agents.tasks.base import Task
+    from mlpo_agents.trace import TraceStore
+
+    from .batch import TrajectoryBatch
+
 
 __all__ = [
     "JOINT_TOPOLOGIES", "Agent", "JointAction", "JointTopology", "MAGRPOConfig", "MAGRPOState", "TrainResult",
@@ -207,18 +217,18 @@ def cooperate_team(config: MAGRPOConfig) -> Any:
 class Agent(TrainableLora):
     """One trainable agent: a LoRA copy of its base model, its optimizer, and the engine serving it."""
 
-    def __init__(self, role: str, spec: str, config: MAGRPOConfig, index: int, client: Any):
+    def __init__(self, role: str, spec: str, config: MAGRPOConfig, index: int, client: ModelClient):
         adapters, seed = Path(config.out) / "adapters" / role, config.seed + 1000 * index  # LoRA init per agent
         super().__init__(spec, config, seed, role=role, client=client, adapters=adapters, prefix=f"{role}-")
         self.pad_token_id = self.tokenizer.pad_token_id or 0
 
 
-def agent_spec(team: Any, role: str) -> str:
+def agent_spec(team: TeamConfig, role: str) -> str:
     """The local engine spec serving `role`; other deployments cannot be hot-loaded with new adapters."""
     return role_spec(team, role, "serve every trained agent with `local/<spec>`")
 
 
-def agent_team(team: Any, config: MAGRPOConfig, seed: int, temperature: float | None = None) -> Any:
+def agent_team(team: TeamConfig, config: MAGRPOConfig, seed: int, temperature: float | None = None) -> Any:
     """`team` with every trained agent sampling with its own seed (`run.seeded_team`), optionally at `temperature`."""
     temperatures = dict.fromkeys(config.agents, temperature)
     return seeded_team(team, seed, roles=config.agents, temperatures=temperatures)
@@ -227,7 +237,7 @@ def agent_team(team: Any, config: MAGRPOConfig, seed: int, temperature: float | 
 # ------------------------------------------------------------------------------------------- one step
 
 
-def rollout(team: Any, tasks: list[Any], store: Any, graph: Any, client: Any, config: MAGRPOConfig) -> Any:
+def rollout(team: TeamConfig, tasks: list[Task], store: TraceStore, graph: Any, client: ModelClient, config: MAGRPOConfig) -> Any:
     """Run the team on `tasks` with every agent's current adapter; returns the runner's RunSummary."""
     return run_episodes(
         client,
@@ -247,7 +257,7 @@ class JointSteps:
     actions and their returns from the traces, and update every agent on its own batch."""
 
     def __init__(
-        self, agents: dict[str, Agent], team: Any, config: MAGRPOConfig, store: Any, client: Any, state: MAGRPOState
+        self, agents: dict[str, Agent], team: TeamConfig, config: MAGRPOConfig, store: TraceStore, client: ModelClient, state: MAGRPOState
     ):
         from mlpo_agents.graphs import build_topology
 
@@ -282,7 +292,7 @@ class JointSteps:
 
 
 def step_batches(
-    store: Any, summary: Any, order: list[str], agents: dict[str, Agent], config: MAGRPOConfig
+    store: TraceStore, summary: RunSummary, order: list[str], agents: dict[str, Agent], config: MAGRPOConfig
 ) -> tuple[Any, ...]:
     """Joint actions, returns and per-agent batches of one rollout (questions ranked as in `order`)."""
     episode_ids = [r.episode_id for r in summary.results]
@@ -318,7 +328,7 @@ def step_batches(
     return actions, batches, missing, skipped
 
 
-def update_agent(agent: Agent, batch: Any, config: MAGRPOConfig) -> dict[str, Any]:
+def update_agent(agent: Agent, batch: TrajectoryBatch, config: MAGRPOConfig) -> dict[str, Any]:
     """One MAGRPO gradient step of `agent` on its batch; its metrics, named `<role>/...`."""
     from .update import policy_update
 
@@ -336,7 +346,7 @@ def update_agent(agent: Agent, batch: Any, config: MAGRPOConfig) -> dict[str, An
     return {f"{agent.role}/{k}": v for k, v in metrics.items()}
 
 
-def step_metrics(actions: list[JointAction], summary: Any) -> dict[str, Any]:
+def step_metrics(actions: list[JointAction], summary: RunSummary) -> dict[str, Any]:
     """Rewards and tree sizes of a rollout for the log."""
     first = [a for a in actions if a.turn == 0]
     return {
@@ -351,7 +361,7 @@ def step_metrics(actions: list[JointAction], summary: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- evaluation and training
 
 
-def evaluate(team: Any, client: Any, config: MAGRPOConfig, *, label: str) -> dict[str, float]:
+def evaluate(team: TeamConfig, client: ModelClient, config: MAGRPOConfig, *, label: str) -> dict[str, float]:
     """Held-out team accuracy with the current adapters: one turn, one draft, one answer."""
     from mlpo_agents.graphs import build_topology
     from mlpo_agents.trace import TraceStore

@@ -23,6 +23,11 @@ from .batch import TraceMismatchError
 from .losses import discounted_returns
 
 if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+
+
+
+if TYPE_CHECKING:
     from .magrpo import MAGRPOConfig
 
 # ------------------------------------------------------------------------------------------- joint actions (pure)
@@ -246,7 +251,7 @@ JOINT_TOPOLOGIES = {
 """Shipped topologies MAGRPO sets the joint-action parameters of; a user topology brings its own."""
 
 
-def for_team(config: MAGRPOConfig, team: Any) -> MAGRPOConfig:
+def for_team(config: MAGRPOConfig, team: TeamConfig) -> MAGRPOConfig:
     """`config` for `team`: the agents of its topology when `agents` and `answer_role` were left at their
     defaults (the `cooperate` pair), and `turns` checked against a single-turn topology."""
     spec = JOINT_TOPOLOGIES.get(team.topology)
@@ -260,7 +265,7 @@ def for_team(config: MAGRPOConfig, team: Any) -> MAGRPOConfig:
     return config
 
 
-def graph_params(config: MAGRPOConfig, team: Any, *, evaluation: bool = False) -> dict[str, Any]:
+def graph_params(config: MAGRPOConfig, team: TeamConfig, *, evaluation: bool = False) -> dict[str, Any]:
     """Topology parameters of the training rollouts: G first-agent samples, aligned or cross answers, turns,
     threshold; with `evaluation`, one joint action of one turn."""
     spec = JOINT_TOPOLOGIES.get(team.topology)

@@ -49,7 +49,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import hot_load, role_spec
 from mlpo_agents.adapters import save as save_adapter
@@ -74,6 +74,13 @@ from .malt_data import (
 )
 from .run import EVAL_STEP, Run, RunState, TrainResult, run_training, seeded_team, step_seed
 from .trl_glue import dpo_rows, fit, sft_rows
+
+if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+    from mlpo_agents.models import ModelClient
+    from mlpo_agents.tasks.base import Task
+    from mlpo_agents.trace import TraceStore
+
 
 __all__ = [
     "PARENT_ROLE", "ROLES", "MALTConfig", "MALTState", "Node", "PreferencePair", "RoleData", "SFTExample",
@@ -206,7 +213,7 @@ def phase_options(config: MALTConfig, logger: TrainLogger, prefix: str, step: in
 # ------------------------------------------------------------------------------------------- team, rollouts, evaluation
 
 
-def gvr_team(team: Any, seed: int, name: str, temperature: float | None = None, **params: Any) -> Any:
+def gvr_team(team: TeamConfig, seed: int, name: str, temperature: float | None = None, **params: Any) -> Any:
     """A copy of `team` with new params and name, every agent (`generator-k`, ...) sampling with its own seed
     (`run.seeded_team`), every role at `temperature` (None: the team's own)."""
     params = {**team.params, **params}
@@ -216,14 +223,14 @@ def gvr_team(team: Any, seed: int, name: str, temperature: float | None = None, 
     return seeded.model_copy(update={"name": name, "params": params})
 
 
-def run_gvr(config: MALTConfig, client: Any, team: Any, tasks: list[Any], store: Any, **options: Any) -> Any:
+def run_gvr(config: MALTConfig, client: ModelClient, team: TeamConfig, tasks: list[Task], store: TraceStore, **options: Any) -> Any:
     """Run `team` on `tasks`; episodes this team (by name) already finished in `store` are skipped."""
     return run_episodes(client, team, tasks, store, task_name=config.task, concurrency=config.concurrency,
                         resume=True, progress=config.progress, **options)  # fmt: skip
 
 
 def expand_trees(
-    config: MALTConfig, team: Any, client: Any, store: Any
+    config: MALTConfig, team: TeamConfig, client: ModelClient, store: TraceStore
 ) -> tuple[list[ModelCall], list[Reward], dict[str, Any]]:
     """Run the n×n×n tree on each train question (finished ones are skipped) and return its calls and rewards."""
     n = config.branching
@@ -260,7 +267,7 @@ def expand_trees(
     return calls, rewards, stats
 
 
-def evaluate(config: MALTConfig, team: Any, client: Any, store: Any, label: str) -> dict[str, float]:
+def evaluate(config: MALTConfig, team: TeamConfig, client: ModelClient, store: TraceStore, label: str) -> dict[str, float]:
     """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI)."""
     tasks = load_split(config, "test", config.eval_questions)
     eval_team = gvr_team(
@@ -295,14 +302,14 @@ def units_of(config: MALTConfig) -> dict[str, tuple[str, ...]]:
     return {role: (role,) for role in config.roles} if config.adapter_per_role else {"team": config.roles}
 
 
-def route(client: Any, adapters: dict[str, Path], units: dict[str, tuple[str, ...]], tag: str) -> None:
+def route(client: ModelClient, adapters: dict[str, Path], units: dict[str, tuple[str, ...]], tag: str) -> None:
     """Hot-load each adapter into its roles' engine and route the roles to it (`adapters.hot_load`)."""
     for unit, roles in units.items():
         for role in roles:
             hot_load(client, role, adapters[unit], f"malt-{tag}-{unit}")
 
 
-def tree_data(config: MALTConfig, team: Any, client: Any, store: Any, run: Run[MALTState]) -> dict[str, RoleData]:
+def tree_data(config: MALTConfig, team: TeamConfig, client: ModelClient, store: TraceStore, run: Run[MALTState]) -> dict[str, RoleData]:
     """Expand the trees (finished questions are skipped), assign values and build each role's data; logged."""
     say(config, f"[malt] expanding {config.questions} trees (n={config.branching}: {config.branching**3} leaves each)")
     calls, rewards, tree_stats = expand_trees(config, team, client, store)
@@ -323,7 +330,7 @@ class MALTPhases:
     `<adapter>-sft`, then `<adapter>` (what is served), so a resumed run continues from the next phase."""
 
     def __init__(
-        self, config: MALTConfig, team: Any, data: dict[str, RoleData], units: dict[str, tuple[str, ...]],
+        self, config: MALTConfig, team: TeamConfig, data: dict[str, RoleData], units: dict[str, tuple[str, ...]],
         run: Run[MALTState],
     ):  # fmt: skip
         self.config, self.team, self.data, self.units, self.run = config, team, data, units, run

@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import role_spec
 
@@ -59,6 +59,11 @@ from .common import PolicyGradientConfig, TrainableLora, load_split
 from .mlpo_eval import evaluate_run
 from .mlpo_steps import OnlineSteps, offline_batch, offline_steps, warm_up
 from .run import Run, RunState, TrainResult, run_training
+
+if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+    from mlpo_agents.trace import TraceStore
+
 
 __all__ = ["MLPOConfig", "MLPOState", "Policy", "TrainResult", "leader_spec", "train"]
 
@@ -184,7 +189,7 @@ class MLPOState(RunState):
     """The evaluation peer pool: every evaluation of the run shows the leader the same proposals."""
 
 
-def leader_spec(team: Any) -> str:
+def leader_spec(team: TeamConfig) -> str:
     """The local engine spec serving the leader (`local/<spec>`); other deployments cannot be hot-loaded here."""
     return role_spec(
         team, "leader", "serve the leader with `local/<spec>` (or train offline from recorded traces)"
@@ -194,7 +199,7 @@ def leader_spec(team: Any) -> str:
 class Policy(TrainableLora):
     """The trainable LoRA copy of the leader plus the serving side: engine, client and current version."""
 
-    def __init__(self, config: MLPOConfig, team: Any, spec: str, store: Any):
+    def __init__(self, config: MLPOConfig, team: TeamConfig, spec: str, store: TraceStore):
         from mlpo_agents.models import ModelClient
 
         adapters = Path(config.out) / "adapters"

@@ -21,10 +21,14 @@ from .mlpo_steps import leader_team, rollout
 from .run import EVAL_STEP, step_seed
 
 if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+
+
+if TYPE_CHECKING:
     from .mlpo import MLPOConfig, MLPOState, Policy
 
 
-def evaluate_run(policy: Policy, team: Any, config: MLPOConfig, state: MLPOState, label: str) -> dict[str, Any]:
+def evaluate_run(policy: Policy, team: TeamConfig, config: MLPOConfig, state: MLPOState, label: str) -> dict[str, Any]:
     """The run's evaluation `label`; "before" is reused from `baseline_from` when given, and written to
     `BASELINE` with the evaluation pool either way."""
     if label != "before":
@@ -40,7 +44,7 @@ def evaluate_run(policy: Policy, team: Any, config: MLPOConfig, state: MLPOState
     return before
 
 
-def evaluate(policy: Policy, team: Any, config: MLPOConfig, *, label: str, state: MLPOState) -> dict[str, Any]:
+def evaluate(policy: Policy, team: TeamConfig, config: MLPOConfig, *, label: str, state: MLPOState) -> dict[str, Any]:
     """Held-out accuracy of the leader (current adapter) with its team and solo (peers=0), leader_samples=1.
 
     Accuracy is the strict answer rule (what trains); `*_lenient_accuracy` is the lenient figure, and
@@ -80,7 +84,7 @@ BASELINE = "baseline.json"
 """Where a run keeps its untrained evaluation, the evaluation peer pool and what they depend on."""
 
 
-def baseline_fingerprint(config: MLPOConfig, team: Any) -> dict[str, Any]:
+def baseline_fingerprint(config: MLPOConfig, team: TeamConfig) -> dict[str, Any]:
     """Everything the untrained evaluation depends on. The leader's own sampling temperature is left out:
     evaluation replaces it with `eval_temperature`."""
     dumped = team.model_dump(mode="json", exclude={"name"})

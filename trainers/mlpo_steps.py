@@ -19,10 +19,19 @@ from .common import load_split, run_episodes, run_episodes_together
 from .run import seeded_team, step_seed
 
 if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+    from mlpo_agents.runner import RunSummary
+    from mlpo_agents.tasks.base import Task
+    from mlpo_agents.trace import TraceStore
+
+    from .batch import TrajectoryBatch
+
+
+if TYPE_CHECKING:
     from .mlpo import MLPOConfig, MLPOState, Policy
 
 
-def leader_team(team: Any, seed: int, temperature: float | None) -> Any:
+def leader_team(team: TeamConfig, seed: int, temperature: float | None) -> Any:
     """`team` with the leader and every peer sampling with its own seed (`run.seeded_team`), the leader at
     `temperature` (None: the team file's)."""
     peers = [f"peer-{k}" for k in range(1, int(team.params.get("peers", 0)) + 1)]
@@ -30,7 +39,7 @@ def leader_team(team: Any, seed: int, temperature: float | None) -> Any:
 
 
 def rollout(
-    policy: Policy, team: Any, tasks: list[Any], store: Any, graph: Any, *, task_name: str, **options: Any
+    policy: Policy, team: TeamConfig, tasks: list[Task], store: TraceStore, graph: Any, *, task_name: str, **options: Any
 ) -> Any:
     """Run the team on `tasks` with the leader's current adapter; returns the runner's RunSummary."""
     return run_episodes(
@@ -53,7 +62,7 @@ class OnlineSteps:
     """`step(n) -> metrics` of online MLPO: sample the step's questions with the team and update the leader.
     Reads and advances the run state's question cursor, easy set and peer pool."""
 
-    def __init__(self, policy: Policy, team: Any, config: MLPOConfig, store: Any, state: MLPOState):
+    def __init__(self, policy: Policy, team: TeamConfig, config: MLPOConfig, store: TraceStore, state: MLPOState):
         from mlpo_agents.graphs import build_topology
         from mlpo_agents.graphs.pooled_peers import PeerPool
 
@@ -153,14 +162,14 @@ class OnlineSteps:
         return [t for t in candidates if t.id not in self.easy]
 
 
-def merged(summary: Any, other: Any | None) -> Any:
+def merged(summary: RunSummary, other: RunSummary | None) -> Any:
     """The episode results of two rollouts, as one summary-like object for `episode_batch`."""
     from types import SimpleNamespace
 
     return summary if other is None else SimpleNamespace(results=[*other.results, *summary.results])
 
 
-def solve_rates(store: Any, summary: Any, role: str = "leader") -> dict[str, float]:
+def solve_rates(store: TraceStore, summary: RunSummary, role: str = "leader") -> dict[str, float]:
     """Per question of a rollout: the fraction of its `role` samples that were correct."""
     task_of = {r.episode_id: r.task_id for r in summary.results}
     leader = {c.call_id for c in store.calls(episode_id=list(task_of), role=role)}
@@ -171,7 +180,7 @@ def solve_rates(store: Any, summary: Any, role: str = "leader") -> dict[str, flo
     return {task_id: sum(v) / len(v) for task_id, v in values.items()}
 
 
-def episode_batch(store: Any, summary: Any, order: list[str], policy: Policy) -> Any:
+def episode_batch(store: TraceStore, summary: RunSummary, order: list[str], policy: Policy) -> Any:
     """The leader's calls and rewards of a rollout as a TrajectoryBatch, groups in question order."""
     from .batch import load_events, traces_to_batch
 
@@ -185,7 +194,7 @@ def episode_batch(store: Any, summary: Any, order: list[str], policy: Policy) ->
 # ------------------------------------------------------------------------------------------- offline
 
 
-def offline_batch(config: MLPOConfig, spec: str, store: Any) -> tuple[Any, int]:
+def offline_batch(config: MLPOConfig, spec: str, store: TraceStore) -> tuple[Any, int]:
     """Every usable leader group of `store` as one batch, and the generation budget it was sampled with."""
     from types import SimpleNamespace
 
@@ -247,7 +256,7 @@ def batch_options(policy: Any) -> dict[str, Any]:
     )
 
 
-def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
+def update(policy: Policy, batch: TrajectoryBatch, max_tokens: int) -> dict[str, float]:
     """`update_epochs` GRPO steps on one batch (none when every group's rewards are equal: no signal).
 
     With `tempered_policy` the ratio's old policy is the tempered policy of the weights at the start of
@@ -286,7 +295,7 @@ def update(policy: Policy, batch: Any, max_tokens: int) -> dict[str, float]:
     return metrics
 
 
-def batch_metrics(batch: Any) -> dict[str, float]:
+def batch_metrics(batch: TrajectoryBatch) -> dict[str, float]:
     """Reward and batch statistics for the log."""
     return {
         "reward/mean": batch.rewards.mean().item(),
@@ -303,7 +312,7 @@ def batch_metrics(batch: Any) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- SFT warm-up
 
 
-def warm_up(policy: Policy, team: Any, config: MLPOConfig, store: Any) -> dict[str, Any]:
+def warm_up(policy: Policy, team: TeamConfig, config: MLPOConfig, store: TraceStore) -> dict[str, Any]:
     """SFT warm-up on correct leader completions, then serve it as `step-0`; returns its metrics."""
     metrics = sft_warmup(policy, collect_sft_examples(policy, team, config, store))
     policy.publish(0)
@@ -327,7 +336,7 @@ def sft_warmup(policy: Policy, examples: list[Any]) -> dict[str, float]:
     return {"sft/loss": float(output.training_loss), "sft/examples": len(rows)}
 
 
-def correct_leader_calls(store: Any, base_model: str, episode_ids: list[str] | None = None) -> list[Any]:
+def correct_leader_calls(store: TraceStore, base_model: str, episode_ids: list[str] | None = None) -> list[Any]:
     """Leader calls of `base_model` with correctness 1 (and a well-formed answer), one per prompt+text."""
     from .batch import load_events
 
@@ -342,7 +351,7 @@ def correct_leader_calls(store: Any, base_model: str, episode_ids: list[str] | N
     return out
 
 
-def collect_sft_examples(policy: Policy, team: Any, config: MLPOConfig, store: Any) -> list[Any]:
+def collect_sft_examples(policy: Policy, team: TeamConfig, config: MLPOConfig, store: TraceStore) -> list[Any]:
     """Correct leader completions for the warm-up: from the store if it has some, else a fresh rollout."""
     from mlpo_agents.graphs import build_topology
 

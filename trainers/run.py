@@ -24,9 +24,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .loop import Checkpointer, TrainLogger, progress, set_rng_state
+
+if TYPE_CHECKING:
+    from mlpo_agents.config import TeamConfig
+
 
 EVAL_STEP = -1
 """The `step_seed` step of evaluation rollouts (training steps are 1, 2, ...; warm-ups use 0)."""
@@ -42,7 +46,7 @@ def step_seed(seed: int, step: int, salt: str = "") -> int:
 
 
 def seeded_team(
-    team: Any, seed: int, *, roles: Sequence[str], temperatures: Mapping[str, float | None] | None = None
+    team: TeamConfig, seed: int, *, roles: Sequence[str], temperatures: Mapping[str, float | None] | None = None
 ) -> Any:
     """A copy of `team` whose agents `roles` (agent ids such as `leader`, `peer-2`, `generator-1`) sample with
     their own fixed seed, seed + 7919 i for the i-th; every role or agent named in `temperatures` (by its own

@@ -86,7 +86,7 @@ def main() -> None:
     results: list[Result] = []
 
     if "local" in backends:
-        from mlpo_agents.engine import close_engines, get_engine
+        from mlpo_agents.engines import close_engines, get_engine
 
         start = time.perf_counter()
         get_engine(args.model)  # load weights before the clock starts, as the vLLM server does

@@ -104,7 +104,7 @@ def check_base_model(folder: str | os.PathLike, spec: str) -> str:
 
 def role_spec(team: Any, role: str, fix: str = "serve every trained role with `local/<spec>`") -> str:
     """The zoo spec of the local engine serving `role` (`local/<spec>`); adapters can only be hot-loaded there."""
-    from mlpo_agents.engine import parse_local_model  # the engine imports torch: not at module import
+    from mlpo_agents.engines import parse_local_model  # the engine imports torch: not at module import
 
     model = team.deployment(team.role(role).model)["litellm_params"]["model"]
     if not model.startswith("local/"):
@@ -117,7 +117,7 @@ def role_spec(team: Any, role: str, fix: str = "serve every trained role with `l
 
 def role_engine(team: Any, role: str) -> Any:
     """The shared local engine serving `role` (with its deployment's engine options, e.g. dtype)."""
-    from mlpo_agents.engine import get_engine
+    from mlpo_agents.engines import get_engine
 
     params = team.deployment(team.role(role).model)["litellm_params"]
     return get_engine(role_spec(team, role), **({"dtype": params["dtype"]} if params.get("dtype") else {}))

@@ -253,7 +253,7 @@ class QuestionTooLongError(ValueError):
 
 def check_fits(team: Team, question: str) -> None:
     """Refuse a question that, with a role's answer budget, does not fit a local model's context."""
-    from mlpo_agents.engine import get_engine, parse_local_model
+    from mlpo_agents.engines import get_engine, parse_local_model
 
     seen = set()
     for role, rc in team.config.roles.items():

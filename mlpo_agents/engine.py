@@ -38,7 +38,7 @@ from mlpo_agents import zoo
 from mlpo_agents.kv_cache import append_cache_rows, growing_cache_from, keep_cache_rows, left_pad_mask
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
-__all__ = ["GenerationResult", "LocalEngine", "Sample", "SamplingParams", "get_engine"]
+__all__ = ["GenerationResult", "LocalEngine", "Sample", "SamplingParams"]
 
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in a mixed-adapter batch."""
@@ -446,37 +446,3 @@ def _close_live_engines() -> None:
     # Stop worker threads before interpreter teardown (a daemon thread killed inside torch aborts the process).
     for engine in list(_live_engines):
         engine.close()
-
-
-# ------------------------------------------------------------------------------------------- engine registry
-
-_engines: dict[tuple[str, str], LocalEngine] = {}
-_engines_lock = threading.Lock()
-
-
-def get_engine(spec: str, dtype: str | None = None, **options: Any) -> LocalEngine:
-    """The shared engine for (spec, dtype); created on first use. dtype defaults to env MLPO_ENGINE_DTYPE."""
-    dtype = dtype or os.environ.get("MLPO_ENGINE_DTYPE", "float32")
-    key = (zoo.canonical_spec(spec), str(zoo.torch_dtype(dtype)))
-    with _engines_lock:
-        engine = _engines.get(key)
-        if engine is None or engine._closed:
-            engine = _engines[key] = LocalEngine(spec, dtype=dtype, **options)
-        return engine
-
-
-def close_engines() -> None:
-    """Close every shared engine."""
-    with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        engine.close()
-
-
-def parse_local_model(model: str) -> tuple[str, str | None]:
-    """'local/tiny-test@v3' or 'tiny-test@v3' -> ('tiny-test', 'v3'); no '@' -> (spec, None)."""
-    if model.startswith("local/"):
-        model = model[len("local/") :]
-    spec, _, adapter = model.partition("@")
-    return spec, adapter or None

@@ -116,7 +116,7 @@ def _local_response(result: Any, engine: Any, model: str, model_response: Any) -
 def _local_provider_class() -> type:
     from litellm import CustomLLM
 
-    from mlpo_agents.engine import get_engine, parse_local_model
+    from mlpo_agents.engines import get_engine, parse_local_model
 
     class LocalProvider(CustomLLM):
         """litellm provider ``local/<spec>[@<adapter>]`` backed by shared ``LocalEngine``s."""

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mlpo_agents import zoo
-from mlpo_agents.engine import LocalEngine, get_engine, parse_local_model
+from mlpo_agents.engine import LocalEngine
+from mlpo_agents.engines import get_engine, parse_local_model
 from mlpo_agents.providers import register_local_provider
 
 PROMPTS = [

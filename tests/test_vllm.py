@@ -69,7 +69,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine():
-    from mlpo_agents.engine import close_engines, get_engine
+    from mlpo_agents.engines import close_engines, get_engine
 
     yield get_engine("tiny-test")
     close_engines()

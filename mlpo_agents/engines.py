@@ -1,0 +1,42 @@
+"""The shared in-process engines: one `LocalEngine` per (model spec, dtype), created on first use and
+reused by every role, trainer and server that names it (`local/<spec>[@<adapter>]`)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from mlpo_agents import zoo
+from mlpo_agents.engine import LocalEngine
+
+_engines: dict[tuple[str, str], LocalEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(spec: str, dtype: str | None = None, **options: Any) -> LocalEngine:
+    """The shared engine for (spec, dtype); created on first use. dtype defaults to env MLPO_ENGINE_DTYPE."""
+    dtype = dtype or os.environ.get("MLPO_ENGINE_DTYPE", "float32")
+    key = (zoo.canonical_spec(spec), str(zoo.torch_dtype(dtype)))
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None or engine._closed:
+            engine = _engines[key] = LocalEngine(spec, dtype=dtype, **options)
+        return engine
+
+
+def close_engines() -> None:
+    """Close every shared engine."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.close()
+
+
+def parse_local_model(model: str) -> tuple[str, str | None]:
+    """'local/tiny-test@v3' or 'tiny-test@v3' -> ('tiny-test', 'v3'); no '@' -> (spec, None)."""
+    if model.startswith("local/"):
+        model = model[len("local/") :]
+    spec, _, adapter = model.partition("@")
+    return spec, adapter or None

@@ -55,24 +55,18 @@ def team_yaml(path: Path, args: argparse.Namespace) -> Path:
 
 def report(result: object, args: argparse.Namespace, config: object, wall_s: float) -> dict[str, object]:
     """The before/after table with intervals and paired tests, as a JSON-able dict."""
-    from mlpo_agents.report import paired_comparison, wilson_interval
+    from mlpo_agents.report import paired_row
 
     before, after = result.evaluation["before"], result.evaluation["after"]  # type: ignore[attr-defined]
-    rows = {}
-    for who in ("team", "solo"):
-        paired = paired_comparison(before[f"{who}_correct"], after[f"{who}_correct"])
-        rows[who] = {
-            "n": paired.n,
-            "before": paired.before,
-            "before_ci": wilson_interval(paired.before * paired.n, paired.n),
-            "after": paired.after,
-            "after_ci": wilson_interval(paired.after * paired.n, paired.n),
-            "gained": paired.gained,
-            "lost": paired.lost,
-            "p_value": paired.p_value,
-            "before_lenient": before[f"{who}_lenient_accuracy"],
-            "after_lenient": after[f"{who}_lenient_accuracy"],
-        }
+    rows = {
+        who: paired_row(
+            before[f"{who}_correct"],
+            after[f"{who}_correct"],
+            before_lenient=before[f"{who}_lenient_accuracy"],
+            after_lenient=after[f"{who}_lenient_accuracy"],
+        )
+        for who in ("team", "solo")
+    }
     return {
         "command": "python examples/mlpo_learning.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "seed": args.seed,
@@ -87,19 +81,10 @@ def report(result: object, args: argparse.Namespace, config: object, wall_s: flo
 
 def markdown(results: dict[str, object]) -> str:
     """The results table as Markdown."""
-    lines = [
-        f"MLPO, {results['steps']} steps, {results['wall_minutes']} min in all, seed {results['seed']}",
-        "",
-        "| leader | n | before (strict) [95% CI] | after (strict) [95% CI] | gained / lost | McNemar p | lenient before → after |",
-        "|---|---:|---|---|---:|---:|---|",
-    ]
-    for who, r in results["rows"].items():  # type: ignore[attr-defined]
-        lines.append(
-            f"| {who} | {r['n']} | {r['before']:.3f} [{r['before_ci'][0]:.3f}, {r['before_ci'][1]:.3f}] | "
-            f"{r['after']:.3f} [{r['after_ci'][0]:.3f}, {r['after_ci'][1]:.3f}] | {r['gained']} / {r['lost']} | "
-            f"{r['p_value']:.2g} | {r['before_lenient']:.3f} → {r['after_lenient']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    from mlpo_agents.report import paired_markdown
+
+    title = f"MLPO, {results['steps']} steps, {results['wall_minutes']} min in all, seed {results['seed']}"
+    return paired_markdown(title, results["rows"], label="leader")  # type: ignore[arg-type]
 
 
 def main() -> None:

@@ -73,6 +73,44 @@ def paired_comparison(before: dict[str, float], after: dict[str, float]) -> Pair
     )
 
 
+def paired_row(before: dict[str, float], after: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """One row of a learning benchmark's before/after table, JSON-able: accuracies with 95% Wilson
+    intervals, gained / lost questions and McNemar's exact p (`extra` is carried along, e.g. lenient)."""
+    paired = paired_comparison(before, after)
+    return {
+        "n": paired.n,
+        "before": paired.before,
+        "before_ci": wilson_interval(paired.before * paired.n, paired.n),
+        "after": paired.after,
+        "after_ci": wilson_interval(paired.after * paired.n, paired.n),
+        "gained": paired.gained,
+        "lost": paired.lost,
+        "p_value": paired.p_value,
+        **extra,
+    }
+
+
+def paired_markdown(title: str, rows: dict[str, dict[str, Any]], label: str = "system") -> str:
+    """`rows` (name -> `paired_row`) as a Markdown table under `title`; a lenient column when rows carry
+    `before_lenient` / `after_lenient`."""
+    lenient = all("before_lenient" in r for r in rows.values())
+    head = f"| {label} | n | before (strict) [95% CI] | after (strict) [95% CI] | gained / lost | McNemar p |"
+    lines = [
+        title,
+        "",
+        head + (" lenient before → after |" if lenient else ""),
+        "|---|---:|---|---|---:|---:|" + ("---|" if lenient else ""),
+    ]
+    for name, r in rows.items():
+        line = (
+            f"| {name} | {r['n']} | {r['before']:.3f} [{r['before_ci'][0]:.3f}, {r['before_ci'][1]:.3f}] | "
+            f"{r['after']:.3f} [{r['after_ci'][0]:.3f}, {r['after_ci'][1]:.3f}] | {r['gained']} / {r['lost']} | "
+            f"{r['p_value']:.2g} |"
+        )
+        lines.append(line + (f" {r['before_lenient']:.3f} → {r['after_lenient']:.3f} |" if lenient else ""))
+    return "\n".join(lines) + "\n"
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for discordant counts b and c: P(|X - m/2| >= |b - m/2|), X ~ Bin(m, 1/2)."""
     m = b + c

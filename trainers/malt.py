@@ -72,6 +72,7 @@ from .malt_data import (
     sibling_sets,
     walk,
 )
+from .malt_eval import team_outcomes
 from .run import EVAL_STEP, Run, RunState, TrainResult, run_training, seeded_team, step_seed
 from .trl_glue import dpo_rows, fit, sft_rows
 
@@ -267,8 +268,10 @@ def expand_trees(
     return calls, rewards, stats
 
 
-def evaluate(config: MALTConfig, team: TeamConfig, client: ModelClient, store: TraceStore, label: str) -> dict[str, float]:
-    """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI)."""
+def evaluate(config: MALTConfig, team: TeamConfig, client: ModelClient, store: TraceStore, label: str) -> dict[str, Any]:
+    """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI);
+    `team_correct` maps each question to its strict 0/1 outcome (for paired tests), `lenient_accuracy`
+    is the lenient figure (`malt_eval`)."""
     tasks = load_split(config, "test", config.eval_questions)
     eval_team = gvr_team(
         team,
@@ -283,7 +286,10 @@ def evaluate(config: MALTConfig, team: TeamConfig, client: ModelClient, store: T
     )
     summary = run_gvr(config, client, eval_team, tasks, store, score_roles=())
     cell = cell_from_store(store, eval_team.name, config.task, [t.id for t in tasks], summary.wall_s)
-    return {k: getattr(cell, k) for k in ("accuracy", "ci_low", "ci_high", "n", "failed", "wall_s")}
+    outcomes = team_outcomes(store, eval_team.name, config.task, tasks)
+    keys = ("accuracy", "ci_low", "ci_high", "n", "failed", "wall_s", "completion_tokens_per_q")
+    return {**{k: getattr(cell, k) for k in keys}, "lenient_accuracy": outcomes.lenient_accuracy,
+            "team_correct": outcomes.correct}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- training

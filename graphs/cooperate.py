@@ -18,7 +18,8 @@ ends its branch (early termination), so the rollout is a tree of at most G^turns
 Without a rubric (a free-form question not given one) nothing is scored and every branch continues.
 
 The team's answer follows the main line: joint action 0 at turn 0 (draft sample 0, answer sample
-0), then its own sample-0 child while it has one. `scores` holds every graded solver call.
+0), then its own sample-0 child while it has one (`answer_lenient`: that answer under the lenient
+rule, reported only). `scores` holds every graded solver call.
 
 Trace: drafter and solver calls are node = role = agent, round = turn. A failed draft has no
 answer; a failed answer ends its branch (both are in `failures` and the trace).
@@ -169,6 +170,7 @@ def grade_node(graded: bool) -> Any:
             "scores": scores,
             "round": state.get("round", 0) + 1,
             "answer": line["answer"] if line else None,
+            "answer_lenient": line.get("answer_lenient") if line else None,
         }
 
     return grade

@@ -15,6 +15,7 @@ DPO on recorded tokens are `trainers.trl_glue`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,9 +83,10 @@ class PolicyGradientConfig(RunConfig):
     format_weight: float = 0.0
     """Weight of the format reward added to correctness (0 by default, as in the papers)."""
     format_reward: str = "format"
-    """Which recorded reward `format_weight` weighs: `format` (exactly one well-formed `<answer>` block) or
+    """Which recorded reward `format_weight` weighs: `format` (exactly one well-formed `<answer>` block),
     `answered` (the output gives an answer under the strict rule — a block, `\\boxed{}` or a final-answer
-    phrase ending an uncut reply — right or wrong)."""
+    phrase ending an uncut reply — right or wrong) or `lenient` (the call's answer is right under the lenient
+    rule, last number as a fallback; the rollouts then score with `shaping_rubric`)."""
     micro_batch_size: int = 4
     """Rows per forward/backward (gradient accumulation over the batch)."""
     max_grad_norm: float = 1.0
@@ -103,6 +105,10 @@ class PolicyGradientConfig(RunConfig):
     warm-up are left out of it)."""
 
 
+FORMAT_REWARDS = ("format", "answered", "lenient")
+"""The values `PolicyGradientConfig.format_reward` may take."""
+
+
 # ------------------------------------------------------------------------------------------- data and rollouts
 
 
@@ -118,6 +124,16 @@ def load_split(config: RunConfig, split: str, limit: int, seed: int | None = Non
         data_dir=config.data_dir,
         **config.task_options,
     )
+
+
+def shaping_rubric(config: PolicyGradientConfig) -> contextlib.AbstractContextManager[Any]:
+    """Score the rollouts run inside it so that the reward `format_reward` names is recorded per call: the
+    rubric in use (`use_rubric`, else the task's) plus a call-level `lenient` entry when it is asked for."""
+    from mlpo_agents.rubric import rubric_for, use_rubric, with_call_lenient
+
+    if config.format_reward != "lenient" or not config.format_weight:
+        return contextlib.nullcontext()
+    return use_rubric(with_call_lenient(rubric_for(load_split(config, "test", 1)[0])))
 
 
 def run_episodes(
@@ -198,6 +214,7 @@ class TrainableLora:
         # adapters: the folder of the published adapters (step-N); prefix: of their served version names
         self.role, self.client, self.adapters, self.prefix = role, client, adapters, prefix
         self.version = "base"
+        self.folder: Path | None = None  # of the served adapter (None: the base model)
 
     def publish(self, step: int, folder: Path | None = None) -> Path:
         """Save the adapter as `<adapters>/step-N` (unless `folder` holds it) and hot-load it as
@@ -210,7 +227,7 @@ class TrainableLora:
     def serve(self, name: str, folder: Path) -> None:
         """Hot-load the adapter in `folder` as `name`, route the role to it and unload the previous version."""
         hot_load(self.client, self.role, folder, name)
-        previous, self.version = self.version, name
+        previous, self.version, self.folder = self.version, name, folder
         if previous not in ("base", name):
             self.engine.unload_adapter(previous)
 

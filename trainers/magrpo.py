@@ -13,11 +13,13 @@ from it, both trainable; or the paper's own code setting, the `code_pair` topolo
 a helper writes `aux`, the main agent the task's entry point, scored as one program by the unit tests
 (`JOINT_TOPOLOGIES` says which roles and fan-out parameter each uses). One joint action is a chain of
 calls of one turn linked by `parent_call_id` (draft → answer, aux → main); its reward is the last call's
-call-level reward (correctness, plus `format_weight` x format; for `code_pair` that of the joint
-program). Sibling joint actions (same context) are those whose first call shares the first agent's
-group id. Each step: rollouts through `run_team` on the local engine serving the current adapters → traces
-→ joint actions → one batch per agent → `trainers.update.policy_update(loss="magrpo")` per agent →
-save + hot-load every adapter (`adapters.hot_load`) → repeat.
+call-level reward (correctness, plus `format_weight` x the `format_reward` shaping entry: `format`,
+`answered` or `lenient`, as in MLPO; for `code_pair` that of the joint program). Sibling joint actions
+(same context) are those whose first call shares the first agent's group id. Each step: rollouts through
+`run_team` on the local engine serving the current adapters → traces → joint actions → one batch per
+agent → `trainers.update.policy_update(loss="magrpo")` per agent → save + hot-load every adapter
+(`adapters.hot_load`) → repeat. Evaluation (`magrpo_eval.evaluate`): the
+team's joint accuracy and the answering agent's alone, per question, before and after training.
 
 Fidelity (paper: Liu et al. 2025, §4 and Alg. 1; reference code: OpenMLRL/CoMLRL,
 comlrl/trainers/reinforce/magrpo.py, `MAGRPOTrainer`; pinned by tests/test_magrpo.py):
@@ -75,7 +77,15 @@ from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import role_spec
 
-from .common import PolicyGradientConfig, TrainableLora, load_split, run_episodes
+from .common import (
+    FORMAT_REWARDS,
+    PolicyGradientConfig,
+    TrainableLora,
+    load_split,
+    run_episodes,
+    shaping_rubric,
+)
+from .magrpo_eval import evaluate
 from .magrpo_joint import (
     JOINT_TOPOLOGIES,
     JointAction,
@@ -86,7 +96,7 @@ from .magrpo_joint import (
     joint_actions,
     joint_returns,
 )
-from .run import EVAL_STEP, Run, RunState, TrainResult, run_training, seeded_team, step_seed
+from .run import Run, RunState, TrainResult, run_training, seeded_team, step_seed
 
 if TYPE_CHECKING:
     from mlpo_agents.config import TeamConfig
@@ -162,6 +172,8 @@ class MAGRPOConfig(PolicyGradientConfig):
             problems.append(f"answer_role={self.answer_role!r} must be one of agents={list(self.agents)}")
         if self.lr <= 0 or self.format_weight < 0 or self.max_tokens < 1 or self.temperature < 0:
             problems.append("lr and max_tokens must be > 0; format_weight and temperature >= 0")
+        if self.format_reward not in FORMAT_REWARDS:
+            problems.append(f"format_reward={self.format_reward!r}: use one of {', '.join(FORMAT_REWARDS)}")
         if not 0 < self.top_p <= 1 or self.max_grad_norm < 0:
             problems.append(f"top_p={self.top_p} must be in (0, 1] and max_grad_norm >= 0")
         if self.micro_batch_size < 1 or self.concurrency < 1:
@@ -305,7 +317,7 @@ def step_batches(
         rewards,
         agents=config.agents,
         answer_role=config.answer_role,
-        reward_weights={"correct": 1.0, "format": config.format_weight}
+        reward_weights={"correct": 1.0, config.format_reward: config.format_weight}
         if config.format_weight
         else {"correct": 1.0},
         threshold=config.threshold,
@@ -358,28 +370,7 @@ def step_metrics(actions: list[JointAction], summary: RunSummary) -> dict[str, A
     }
 
 
-# ------------------------------------------------------------------------------------------- evaluation and training
-
-
-def evaluate(team: TeamConfig, client: ModelClient, config: MAGRPOConfig, *, label: str) -> dict[str, float]:
-    """Held-out team accuracy with the current adapters: one turn, one draft, one answer."""
-    from mlpo_agents.graphs import build_topology
-    from mlpo_agents.trace import TraceStore
-
-    tasks = load_split(config, "test", config.eval_questions)
-    params = graph_params(config, team, evaluation=True)
-    eval_team = agent_team(
-        team.model_copy(update={"name": f"{team.name}-{label}", "params": params}),
-        config,
-        step_seed(config.seed, EVAL_STEP),
-        config.eval_temperature,
-    )
-    store = TraceStore(Path(config.out) / "eval_traces.sqlite")
-    try:
-        summary = rollout(eval_team, tasks, store, build_topology(team.topology, **params), client, config)
-    finally:
-        store.close()
-    return {"team_accuracy": summary.accuracy}
+# ------------------------------------------------------------------------------------------- training
 
 
 def train(config: MAGRPOConfig) -> TrainResult:
@@ -398,12 +389,14 @@ def train(config: MAGRPOConfig) -> TrainResult:
     client = ModelClient(team, store)
     agents = {role: Agent(role, agent_spec(team, role), config, i, client) for i, role in enumerate(config.agents)}
     run.resume({role: run.out / "agents" / role for role in agents}, agents)  # on resume, `state` is the checkpoint's
-    result = run_training(
-        run,
-        JointSteps(agents, team, config, store, client, state),
-        steps=config.steps,
-        evaluate=lambda label: evaluate(team, client, config, label=label),
-        max_minutes=config.max_minutes,
-    )
+    alone = agents[config.answer_role]  # evaluated by itself beside the team: the single-agent baseline
+    with shaping_rubric(config):
+        result = run_training(
+            run,
+            JointSteps(agents, team, config, store, client, state),
+            steps=config.steps,
+            evaluate=lambda label: evaluate(team, client, config, label=label, alone=alone),
+            max_minutes=config.max_minutes,
+        )
     store.close()
     return result

@@ -43,7 +43,7 @@ Fidelity — deviations from the paper, and why (each a named option where it is
   `format_reward="format"` (one `<answer>` block), `"answered"` (any answer under the strict rule) or
   `"lenient"` (the call's answer is right under the lenient rule, last number as a fallback: a denser
   signal that, unlike `answered`, never pays for a wrong answer; the rollouts then score with
-  `rubric.with_call_lenient`).
+  `common.shaping_rubric`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import role_spec
 
-from .common import PolicyGradientConfig, TrainableLora, load_split
+from .common import FORMAT_REWARDS, PolicyGradientConfig, TrainableLora, shaping_rubric
 from .mlpo_eval import evaluate_run
 from .mlpo_steps import OnlineSteps, offline_batch, offline_steps, warm_up
 from .run import Run, RunState, TrainResult, run_training
@@ -150,7 +150,7 @@ class MLPOConfig(PolicyGradientConfig):
                             "train on other rewards offline (offline=True, traces=<store>)")
         if self.reward_name == "format":
             problems.append("reward_name='format': the format reward is added with format_weight")
-        if self.format_reward not in ("format", "answered", "lenient"):
+        if self.format_reward not in FORMAT_REWARDS:
             problems.append(f"format_reward={self.format_reward!r}: use format, answered or lenient")
         if self.easy_filter not in ("pool", "leader"):
             problems.append(f"easy_filter={self.easy_filter!r}: use pool (the paper) or leader")
@@ -243,10 +243,5 @@ def train(config: MLPOConfig) -> TrainResult:
 
 
 def rollout_rubric(config: MLPOConfig) -> contextlib.AbstractContextManager[Any]:
-    """Score this run's episodes so that the reward `format_reward` names is recorded per call: the
-    rubric in use (`use_rubric`, else the task's) plus a call-level `lenient` entry when it is asked for."""
-    from mlpo_agents.rubric import rubric_for, use_rubric, with_call_lenient
-
-    if config.format_reward != "lenient" or not config.format_weight or config.offline:
-        return contextlib.nullcontext()
-    return use_rubric(with_call_lenient(rubric_for(load_split(config, "test", 1)[0])))
+    """The rubric of this run's rollouts (`common.shaping_rubric`); offline runs roll nothing out."""
+    return contextlib.nullcontext() if config.offline else shaping_rubric(config)

@@ -1,7 +1,8 @@
 """Throughput of LocalEngine (continuous batching) vs one-at-a-time ``model.generate`` on SmolLM2-135M.
 
 12 concurrent requests (3 peers x 4 episodes) built from GSM8K test questions, greedy, max_tokens 128.
-Usage: python benchmarks/bench_engine.py [--dtype float32|bfloat16] [--requests 12] [--max-tokens 128]
+Usage: python benchmarks/bench_engine.py [--dtype float32 [bfloat16]] [--requests 12] [--max-tokens 128]
+(``--dtype float32 bfloat16`` times both engines and both static batches side by side in one process.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,7 +77,10 @@ def bench_engine(engine: LocalEngine, prompts, max_tokens: int) -> tuple[int, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+        help="one or more: several are timed side by side in this process (engines first, then static batches)",
+    )  # fmt: skip
     parser.add_argument("--spec", default="smollm2-135m")
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -91,35 +96,49 @@ def main() -> None:
     args = parser.parse_args()
 
     prompts = build_prompts(args.requests, args.data)
-    engine = LocalEngine(
-        args.spec, dtype=args.dtype, max_batch_size=max(32, args.requests), num_threads=args.threads
-    )
-    engine.generate(prompts[0], max_tokens=4, temperature=0)  # warm-up
-    tokens, seconds, cpu = bench_engine(engine, prompts, args.max_tokens)
-    engine_tps = tokens / seconds
-    print(
-        f"engine   {args.dtype}: {tokens} tokens in {seconds:.1f} s = {engine_tps:.1f} tok/s ({args.requests} concurrent); "
-        f"{tokens / cpu:.1f} tok per CPU-second",
-        flush=True,
-    )
-    engine.close()
-    record: dict[str, float | str] = {"dtype": args.dtype, "engine_tok_s": engine_tps, "engine_tok_per_cpu_s": tokens / cpu}
+    by_dtype: dict[str, dict[str, float]] = {}
+    # The first dtype's numbers stay at the top level (what run_all.py reads); all are under "by_dtype".
+    record: dict[str, Any] = {"dtype": args.dtype[0], "by_dtype": by_dtype}
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    for dtype in args.dtype:
+        engine = LocalEngine(
+            args.spec, dtype=dtype, max_batch_size=max(32, args.requests), num_threads=args.threads
+        )
+        engine.generate(prompts[0], max_tokens=4, temperature=0)  # warm-up
+        tokens, seconds, cpu = bench_engine(engine, prompts, args.max_tokens)
+        engine.close()
+        by_dtype[dtype] = {"engine_tok_s": tokens / seconds, "engine_tok_per_cpu_s": tokens / cpu}
+        print(
+            f"engine   {dtype}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s "
+            f"({args.requests} concurrent); {tokens / cpu:.1f} tok per CPU-second, {cpu / seconds:.2f} cores",
+            flush=True,
+        )
+    if {"float32", "bfloat16"} <= set(by_dtype):
+        speedup = by_dtype["bfloat16"]["engine_tok_s"] / by_dtype["float32"]["engine_tok_s"]
+        print(f"engine bfloat16 / engine float32: {speedup:.2f}x", flush=True)
+    record |= by_dtype[args.dtype[0]]
     if args.json:
         args.json.write_text(json.dumps(record))
     if args.skip_baseline:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = zoo.resolve(args.spec, dtype=args.dtype)
-    st_tokens, st_seconds, _ = bench_static_batch(model, tokenizer, prompts, args.max_tokens)
-    print(
-        f"generate {args.dtype} static batch of {len(prompts)}: {st_tokens} tokens in {st_seconds:.1f} s = "
-        f"{st_tokens / st_seconds:.1f} tok/s (engine / static batch: {engine_tps / (st_tokens / st_seconds):.2f}x)",
-        flush=True,
-    )
-    record["static_batch_tok_s"] = st_tokens / st_seconds
+    for dtype in args.dtype:
+        model, tokenizer = zoo.resolve(args.spec, dtype=dtype)
+        bench_static_batch(model, tokenizer, prompts[:2], 2)  # warm-up
+        st_tokens, st_seconds, st_cpu = bench_static_batch(model, tokenizer, prompts, args.max_tokens)
+        static_tps, engine_tps = st_tokens / st_seconds, by_dtype[dtype]["engine_tok_s"]
+        by_dtype[dtype]["static_batch_tok_s"] = static_tps
+        print(
+            f"generate {dtype} static batch of {len(prompts)}: {st_tokens} tokens in {st_seconds:.1f} s = "
+            f"{static_tps:.1f} tok/s, {st_cpu / st_seconds:.2f} cores "
+            f"(engine / static batch: {engine_tps / static_tps:.2f}x)",
+            flush=True,
+        )
+    record |= by_dtype[args.dtype[0]]
     if args.json:
         args.json.write_text(json.dumps(record))
+    print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     model, tokenizer = zoo.resolve(args.spec, dtype="float32")
     bench_generate(model, tokenizer, prompts[:1], 4)  # warm-up
     base_tokens, base_seconds, base_cpu = bench_generate(
@@ -131,11 +150,12 @@ def main() -> None:
         f"{base_tokens / base_cpu:.1f} tok per CPU-second",
         flush=True,
     )
-    print(
-        f"ratio engine({args.dtype}) / generate(float32, 1 stream): {engine_tps / base_tps:.2f}x wall, "
-        f"{(tokens / cpu) / (base_tokens / base_cpu):.2f}x per CPU-second (robust on a shared machine)",
-        flush=True,
-    )
+    for dtype, numbers in by_dtype.items():
+        print(
+            f"ratio engine({dtype}) / generate(float32, 1 stream): {numbers['engine_tok_s'] / base_tps:.2f}x wall, "
+            f"{numbers['engine_tok_per_cpu_s'] / (base_tokens / base_cpu):.2f}x per CPU-second",
+            flush=True,
+        )
     record["one_stream_tok_s"] = base_tps
     if args.json:
         args.json.write_text(json.dumps(record))

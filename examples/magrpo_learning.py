@@ -57,10 +57,11 @@ def paired_rows(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict
 
 def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) -> dict[str, Any]:
     """The before/after table with intervals and paired tests, as a JSON-able dict."""
+    from mlpo_agents.report import command_line
+
     history = [row for row in result.history if "reward/mean" in row]
     return {
-        "command": "python examples/magrpo_learning.py "
-        + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not False),
+        "command": command_line("examples/magrpo_learning.py", vars(args)),
         "seed": args.seed,
         "steps": result.steps,
         "wall_minutes": round(wall_s / 60, 1),

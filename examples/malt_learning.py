@@ -73,7 +73,7 @@ def team_yaml(path: Path, args: argparse.Namespace) -> Path:
 
 def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) -> dict[str, Any]:
     """The before/after row (paired per question), the tree search's counts and the run's settings."""
-    from mlpo_agents.report import paired_row
+    from mlpo_agents.report import command_line, paired_row
 
     before, after = result.evaluation["before"], result.evaluation["after"]
     row = paired_row(
@@ -85,10 +85,7 @@ def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) ->
     tree = next((r for r in result.history if "tree/leaves" in r), {})
     dpo_roles = set(config.dpo_roles)
     return {
-        "command": "python examples/malt_learning.py " + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items() if v is not None and v is not False
-        ),
+        "command": command_line("examples/malt_learning.py", vars(args)),
         "seed": args.seed,
         "wall_minutes": round(wall_s / 60, 1),
         "rows": {"team": row},

@@ -55,7 +55,7 @@ def team_yaml(path: Path, args: argparse.Namespace) -> Path:
 
 def report(result: object, args: argparse.Namespace, config: object, wall_s: float) -> dict[str, object]:
     """The before/after table with intervals and paired tests, as a JSON-able dict."""
-    from mlpo_agents.report import paired_row
+    from mlpo_agents.report import command_line, paired_row
 
     before, after = result.evaluation["before"], result.evaluation["after"]  # type: ignore[attr-defined]
     rows = {
@@ -68,7 +68,7 @@ def report(result: object, args: argparse.Namespace, config: object, wall_s: flo
         for who in ("team", "solo")
     }
     return {
-        "command": "python examples/mlpo_learning.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": command_line("examples/mlpo_learning.py", vars(args)),
         "seed": args.seed,
         "steps": result.steps,  # type: ignore[attr-defined]
         "wall_minutes": round(wall_s / 60, 1),

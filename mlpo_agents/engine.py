@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mlpo_agents import zoo
-from mlpo_agents.kv_cache import append_cache_rows, growing_cache_from, keep_cache_rows, left_pad_mask
+from mlpo_agents.kv_cache import concat_caches, keep_cache_rows, left_pad_mask
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
 __all__ = ["GenerationResult", "LocalEngine", "Sample", "SamplingParams"]
@@ -304,16 +304,18 @@ class LocalEngine:
         from transformers import DynamicCache
 
         still_waiting = []
+        admitted: list[tuple[list[_Row], Any, torch.Tensor]] = []  # rows, prefilled cache, logits (n, V)
+        free = self.max_batch_size - len(self._rows)
         for request in waiting:
             if request.future.cancelled():
                 continue
             if request.adapter is not None and request.adapter not in self.adapters:
                 request.future.set_exception(KeyError(f"Adapter {request.adapter!r} was unloaded"))
                 continue
-            if len(self._rows) + request.params.n > self.max_batch_size:
+            n = request.params.n
+            if n > free:
                 still_waiting.append(request)
                 continue
-            n = request.params.n
             prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
             cache = DynamicCache(config=self._base_model.config)
             logits = self._forward(prompt, None, None, cache, [request.adapter])  # (1, V)
@@ -327,33 +329,34 @@ class LocalEngine:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(hash((seed, i)) & ((1 << 62) - 1))
                 rows.append(_Row(request, i, generator, min(request.params.max_tokens, room)))
-            prompt_len = len(request.prompt_ids)
-            mask = torch.ones(n, prompt_len, dtype=torch.bool, device=self.device)
-            positions = torch.full((n,), prompt_len, dtype=torch.long, device=self.device)
-            self._merge(rows, cache, mask, positions)
-            self._sample_and_advance(logits, rows_offset=len(self._rows) - n)
+            admitted.append((rows, cache, logits))
+            free -= n
+        if admitted:
+            first_new = len(self._rows)
+            self._merge(admitted)
+            self._sample_and_advance(torch.cat([logits for _, _, logits in admitted]), rows_offset=first_new)
         return still_waiting
 
-    def _merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append rows with their KV cache to the running batch, left-padding the shorter side."""
-        new_last = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        if self._cache is None:
-            width = mask.shape[1]
-            self._cache = growing_cache_from(self._base_model.config, cache, width)
-            self._rows, self._mask, self._positions, self._last_tokens = list(rows), mask, positions, new_last
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        append_cache_rows(self._cache, cache, width)
-        self._mask = torch.cat([left_pad_mask(self._mask, width), left_pad_mask(mask, width)], dim=0)
-        self._positions = torch.cat([self._positions, positions])
-        self._last_tokens = torch.cat([self._last_tokens, new_last])
-        self._rows.extend(rows)
+    def _merge(self, admitted: list[tuple[list[_Row], Any, torch.Tensor]]) -> None:
+        """Append prefilled rows and their KV caches to the running batch in one rebuild, left-padded."""
+        blocks = [] if self._cache is None else [(self._cache, self._mask)]
+        for rows, cache, _ in admitted:
+            prompt_len = len(rows[0].request.prompt_ids)
+            blocks.append((cache, torch.ones(len(rows), prompt_len, dtype=torch.bool, device=self.device)))
+        width = max(mask.shape[1] for _, mask in blocks)
+        self._cache = concat_caches(self._base_model.config, [cache for cache, _ in blocks], width)
+        self._mask = torch.cat([left_pad_mask(mask, width) for _, mask in blocks])
+        new_rows = [row for rows, _, _ in admitted for row in rows]
+        positions = torch.tensor([len(row.request.prompt_ids) for row in new_rows], device=self.device)
+        new_last = torch.zeros(len(new_rows), dtype=torch.long, device=self.device)
+        if self._positions is not None:
+            positions = torch.cat([self._positions, positions])
+            new_last = torch.cat([self._last_tokens, new_last])
+        self._positions, self._last_tokens = positions, new_last
+        self._rows.extend(new_rows)
 
     def _decode_step(self) -> None:
-        batch = len(self._rows)
-        self._mask = torch.cat(
-            [self._mask, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], dim=1
-        )
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         if self._use_bool_mask:
             attention = self._mask[:, None, None, :]  # (B, 1, 1, L) passed through as a ready 4D mask
         else:
@@ -371,7 +374,8 @@ class LocalEngine:
     def _sample_and_advance(self, logits: torch.Tensor, rows_offset: int) -> None:
         """Sample one token for rows[rows_offset:] from logits (B', V), record it, retire finished rows."""
         rows = self._rows[rows_offset:]
-        tokens, logprobs = self._sample(logits, rows)
+        params, generators = [row.request.params for row in rows], [row.generator for row in rows]
+        tokens, logprobs = sample_tokens(logits, params, generators, self.logprobs_mode == "processed")
         self._last_tokens[rows_offset:] = tokens
         token_list, logprob_list = tokens.tolist(), logprobs.tolist()
         finished = []
@@ -384,10 +388,6 @@ class LocalEngine:
                 self._complete(row, reason)
         if finished:
             self._drop_rows(finished)
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = [row.request.params for row in rows]
-        return sample_tokens(logits, params, [row.generator for row in rows], self.logprobs_mode == "processed")
 
     def _finish_reason(self, row: _Row) -> str | None:
         if row.token_ids[-1] in self.eos_token_ids:

@@ -2,8 +2,8 @@
 
 Continuous batching keeps one cache for every row in flight. Each layer is a `GrowingLayer`: a
 preallocated (B, H, capacity, D) buffer that a decode step writes into instead of re-concatenating the
-whole cache. Rows are left-padded to a common width; the helpers here build such a cache from a prefilled
-one, append newly prefilled rows, and keep a subset of rows while trimming leading all-padding columns.
+whole cache. Rows are left-padded to a common width; the helpers here concatenate prefilled (and growing)
+caches into one, and keep a subset of rows while trimming leading all-padding columns.
 They hold no engine state: `engine.py` owns the batch (rows, attention mask, positions) and calls them.
 """
 
@@ -23,18 +23,15 @@ def new_growing_cache(config: Any) -> Any:
     return cache
 
 
-def growing_cache_from(config: Any, cache: Any, width: int) -> Any:
-    """A growing cache holding the rows of a prefilled `cache`, left-padded to `width`."""
+def concat_caches(config: Any, caches: list[Any], width: int) -> Any:
+    """A growing cache holding the rows of `caches` (growing or prefilled) in order, left-padded to `width`.
+
+    One rebuild per admission wave: merging prompts one at a time would copy the whole batch per prompt.
+    """
     growing = new_growing_cache(config)
-    for layer, new_layer in zip(growing.layers, cache.layers, strict=True):
-        layer.reset_to([new_layer.keys], [new_layer.values], width)
+    for i, layer in enumerate(growing.layers):
+        layer.reset_to([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches], width)
     return growing
-
-
-def append_cache_rows(cache: Any, new: Any, width: int) -> None:
-    """Append the rows of `new` below those of growing `cache`, both left-padded to `width`."""
-    for layer, new_layer in zip(cache.layers, new.layers, strict=True):
-        layer.reset_to([layer.keys, new_layer.keys], [layer.values, new_layer.values], width)
 
 
 def keep_cache_rows(cache: Any, keep: torch.Tensor, start: int, width: int) -> None:
@@ -65,12 +62,17 @@ def _growing_layer_class() -> type:
             batch = sum(k.shape[0] for k in keys)
             capacity = width + self.chunk
             self.dtype, self.device = first.dtype, first.device
-            self.key_buffer = first.new_zeros(batch, first.shape[1], capacity, first.shape[3])
-            self.value_buffer = first.new_zeros(batch, values[0].shape[1], capacity, values[0].shape[3])
+            # Uninitialised: columns past `width` are written before they are read; only padding is zeroed
+            # (masked, but garbage there could be inf/nan and leak through the attention sum).
+            self.key_buffer = first.new_empty(batch, first.shape[1], capacity, first.shape[3])
+            self.value_buffer = first.new_empty(batch, values[0].shape[1], capacity, values[0].shape[3])
             row = 0
             for k, v in zip(keys, values, strict=True):
-                self.key_buffer[row : row + k.shape[0], :, width - k.shape[2] : width] = k
-                self.value_buffer[row : row + v.shape[0], :, width - v.shape[2] : width] = v
+                rows, pad = slice(row, row + k.shape[0]), width - k.shape[2]
+                self.key_buffer[rows, :, :pad] = 0
+                self.value_buffer[rows, :, :pad] = 0
+                self.key_buffer[rows, :, pad:width] = k
+                self.value_buffer[rows, :, pad:width] = v
                 row += k.shape[0]
             self.length = width
             self.keys = self.key_buffer[:, :, :width]

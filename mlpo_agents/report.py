@@ -73,6 +73,19 @@ def paired_comparison(before: dict[str, float], after: dict[str, float]) -> Pair
     )
 
 
+def command_line(script: str, flags: dict[str, Any]) -> str:
+    """`python <script>` with `flags` (argparse's `vars(args)`) as the command line that reproduces them:
+    a true switch as `--flag`, a false or None one left out."""
+    parts = ["python", script]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value is not None and value is not False:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
 def paired_row(before: dict[str, float], after: dict[str, float], **extra: Any) -> dict[str, Any]:
     """One row of a learning benchmark's before/after table, JSON-able: accuracies with 95% Wilson
     intervals, gained / lost questions and McNemar's exact p (`extra` is carried along, e.g. lenient)."""

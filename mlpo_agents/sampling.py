@@ -68,7 +68,6 @@ class GenerationResult:
     latency_s: float = 0.0
 
 
-
 def sample_tokens(
     logits: torch.Tensor,  # (B, V) float32
     params: Sequence[SamplingParams],
@@ -79,8 +78,12 @@ def sample_tokens(
     inverse-CDF sampling with one uniform from the row's own generator (so a row's draw does not depend
     on its batch mates), with top-p truncation when asked. Logprobs are raw (T = 1) unless
     `processed_logprobs` (then under the temperature-scaled distribution, top-p never included)."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     temps = [p.temperature for p in params]
+    if not processed_logprobs and not any(temps):
+        # All greedy: argmax of the logits (what transformers' greedy takes) without materialising (B, V).
+        best, tokens = logits.max(dim=-1)
+        return tokens, best - logits.logsumexp(dim=-1)
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     tokens = raw_logprobs.argmax(dim=-1)  # (B,)
     chosen_logprobs = raw_logprobs
     sampled = [j for j, t in enumerate(temps) if t > 0]

@@ -2,9 +2,9 @@
 
 ``LocalEngine`` owns one model on a background daemon thread. Requests queue up; the worker runs
 *continuous batching*: between two decode steps it prefills newly arrived prompts (one forward per
-distinct prompt, the ``n`` samples of a request share it and are expanded from one KV cache), merges
-their KV caches into the running batch (left padding + a boolean attention mask + per-row position ids)
-and keeps decoding. Finished rows leave the batch at once and all-padding columns are trimmed.
+distinct prompt, the ``n`` samples of a request share it), merges their KV caches into the running batch
+in one rebuild (left padding + a boolean mask + per-row positions) and keeps decoding. Finished rows leave
+at once, all-padding columns are trimmed; a prompt whose prefill fails fails alone.
 
 Logprobs convention: ``logprobs[t]`` is the log-probability of the sampled token under the *raw model*
 distribution, ``log_softmax(logits)`` at temperature 1, before temperature / top-p are applied. This is
@@ -12,8 +12,7 @@ what vLLM returns by default (``logprobs_mode="raw_logprobs"``) and what a fresh
 prompt + completion reproduces, which is how trainers use them. Pass ``logprobs_mode="processed"`` to
 get logprobs under the temperature-scaled distribution instead (top-p truncation is never included).
 
-The litellm provider ``local/<spec>[@<adapter>]`` that routes calls here is in ``providers.py``; the
-growing KV cache of the running batch and its merge helpers are in ``kv_cache.py``.
+The litellm provider ``local/<spec>[@<adapter>]`` is in ``providers.py``; the batch's KV cache in ``kv_cache.py``.
 """
 
 from __future__ import annotations
@@ -198,8 +197,7 @@ class LocalEngine:
     def _reset_batch(self) -> None:
         self._rows: list[_Row] = []
         self._cache: Any = None
-        # Set together with the cache when the first rows are admitted (typed Any: None until then).
-        self._mask: Any = None  # (B, L) bool, True = real token
+        self._mask: Any = None  # (B, L) bool, True = real token; set with the cache (None until then)
         self._positions: Any = None  # (B,) position of the next token
         self._last_tokens: Any = None  # (B,) token to feed next
 
@@ -318,7 +316,11 @@ class LocalEngine:
                 continue
             prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
             cache = DynamicCache(config=self._base_model.config)
-            logits = self._forward(prompt, None, None, cache, [request.adapter])  # (1, V)
+            try:
+                logits = self._forward(prompt, None, None, cache, [request.adapter])  # (1, V)
+            except Exception as exc:  # this prompt's prefill failed: fail it alone, never retry it
+                request.future.set_exception(exc)
+                continue
             if n > 1:
                 cache.batch_repeat_interleave(n)
                 logits = logits.expand(n, -1)

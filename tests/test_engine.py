@@ -239,3 +239,15 @@ def test_litellm_router_returns_vllm_shape(tmp_path):
     assert sync.choices[0].provider_specific_fields["token_ids"] == direct.samples[0].token_ids
     assert sync.prompt_token_ids == direct.prompt_token_ids
     engine.unload_adapter("v1")
+
+
+def test_failed_prefill_fails_that_request_only(engine):
+    """A prompt whose prefill raises (token ids outside the vocabulary) fails alone and is not retried;
+    requests beside it still complete."""
+    vocab = engine._base_model.config.vocab_size
+    bad = engine.submit(prompt_token_ids=[1, vocab + 10], max_tokens=4, temperature=0)
+    good = engine.submit(PROMPTS[0], max_tokens=4, temperature=0)
+    with pytest.raises(IndexError):  # the embedding lookup's own error, at once (not a timeout)
+        bad.result(timeout=60)
+    assert good.result(timeout=60).samples[0].token_ids
+    assert engine.generate(PROMPTS[2], max_tokens=4, temperature=0).samples[0].token_ids

@@ -27,7 +27,6 @@ MLPO benchmark (README) `answered` lifted the team's strict accuracy within one 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -133,13 +132,12 @@ def main() -> None:
         max_minutes=args.minutes,
         concurrency=16,
     )
+    from mlpo_agents.report import write_learning_results
+
     start = time.perf_counter()
     result = train(config)
     results = report(result, args, config, time.perf_counter() - start)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "results.md").write_text(markdown(results))
-    print("\n" + markdown(results))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'curves.png'}")
+    write_learning_results(out, results, markdown(results))
 
 
 if __name__ == "__main__":

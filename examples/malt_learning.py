@@ -43,7 +43,6 @@ costs ~2.4x per generated token and ~4x per update step: halve `--questions` and
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +81,7 @@ def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) ->
         before_lenient=before["lenient_accuracy"],
         after_lenient=after["lenient_accuracy"],
     )
-    tree = next((r for r in result.history if "tree/leaves" in r), {})
+    tree: dict[str, Any] = next((r for r in result.history if "tree/leaves" in r), {})
     dpo_roles = set(config.dpo_roles)
     return {
         "command": command_line("examples/malt_learning.py", vars(args)),
@@ -179,13 +178,12 @@ def main() -> None:
         seed=args.seed,
         resume=args.resume,
     )
+    from mlpo_agents.report import write_learning_results
+
     start = time.perf_counter()
     result = train(config)
     results = report(result, args, config, time.perf_counter() - start)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(markdown(results))
-    print("\n" + markdown(results))
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    write_learning_results(out, results, markdown(results))
 
 
 if __name__ == "__main__":

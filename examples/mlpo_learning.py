@@ -26,7 +26,6 @@ leader alone 0.175 -> 0.790 after 32 steps):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -155,13 +154,12 @@ def main() -> None:
         max_minutes=args.minutes,
         concurrency=16,
     )
+    from mlpo_agents.report import write_learning_results
+
     start = time.perf_counter()
     result = train(config)
     results = report(result, args, config, time.perf_counter() - start)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    (out / "results.md").write_text(markdown(results))
-    print("\n" + markdown(results))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'curves.png'}")
+    write_learning_results(out, results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,15 @@ def command_line(script: str, flags: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def write_learning_results(out: Path, results: dict[str, Any], table: str) -> None:
+    """A learning benchmark's outputs: `<out>/results.json` (`results`) and `<out>/results.md` (`table`),
+    and the table printed."""
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
 def paired_row(before: dict[str, float], after: dict[str, float], **extra: Any) -> dict[str, Any]:
     """One row of a learning benchmark's before/after table, JSON-able: accuracies with 95% Wilson
     intervals, gained / lost questions and McNemar's exact p (`extra` is carried along, e.g. lenient)."""

@@ -43,6 +43,7 @@ costs ~2.4x per generated token and ~4x per update step: halve `--questions` and
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -150,8 +151,13 @@ def main() -> None:
     parser.add_argument("--dpo-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4, help="rows (SFT) or pairs (DPO) per optimizer step")
     parser.add_argument("--concurrency", type=int, default=16, help="episodes in flight")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"],
+        help="the in-process engine's dtype for trees and evaluations (training stays fp32)",
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     args = parser.parse_args()
+    os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     if args.eval_temperature is None:
         args.eval_temperature = 0.0 if args.eval_chains == 1 else args.temperature
 

@@ -126,6 +126,16 @@ class ModelClient:
         view.team = team
         return view
 
+    def recording_to(self, store: TraceStore | None) -> ModelClient:
+        """This client recording its calls in `store` (itself when it already does): the runner gives each
+        episode's calls to the store that holds the episode, so a store is never left with calls whose
+        episode is elsewhere. Shares everything else with this client, as `with_team` does."""
+        if store is self.store:
+            return self
+        view = copy.copy(self)
+        view.store = store
+        return view
+
     @staticmethod
     def _base_model_of(deployment: dict[str, Any]) -> str:
         info = deployment.get("model_info") or {}

@@ -125,6 +125,7 @@ async def run_episode(
     continues from its last checkpoint instead of starting over. `rubric` scores it (default: the one
     `rubric.use_rubric` set, else the task's, `Rubric.for_task`; a free-form question: nothing).
     """
+    client = client.recording_to(store)  # the episode's calls go where the episode is
     episode = Episode(episode_id or new_id(), task_name, task.id, team.name, team.topology,
                       meta={"params": team.params, "task_sha": task_fingerprint(task)})
     store.append(episode)
@@ -223,7 +224,7 @@ async def _run_team(
 ) -> RunSummary:
     if concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be >= 1")
-    client = client or ModelClient(team, store)
+    client = client.recording_to(store) if client is not None else ModelClient(team, store)
     roles = tuple(score_roles) if score_roles is not None else tuple(team.trainable_roles() or ["leader"])
     done_ids = store.finished_task_ids(task_name, team.name) if resume else set()
     unfinished = await _resumable(graph, store.unfinished_episodes(task_name, team.name)) if resume else {}

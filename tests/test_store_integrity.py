@@ -43,6 +43,21 @@ def test_the_store_file_alone_holds_a_finished_run(tmp_path):
     assert [e.status for e in copy.episodes()] == ["done"] and len(copy.calls()) == 1
 
 
+def test_a_client_bound_to_another_store_records_the_episode_calls_beside_the_episode(tmp_path):
+    """Trainers evaluate through their training client into a separate evaluation store: every call of an
+    evaluation episode must land in that store, and none in the training store."""
+    from mlpo_agents.models import ModelClient
+
+    team = scripted_team({"leader": ScriptedModel("bound-leader", "<answer>4</answer>")}, params={"peers": 0})
+    training, evaluation = TraceStore(tmp_path / "traces.sqlite"), TraceStore(tmp_path / "eval.sqlite")
+    client = ModelClient(team, training)
+    asyncio.run(run_team(team, [TASK], evaluation, task_name="unit", progress=False, client=client))
+    [episode] = evaluation.episodes()
+    assert [c.episode_id for c in evaluation.calls()] == [episode.episode_id]
+    assert training.calls() == [] and training.episodes() == []
+    assert client.store is training and client.stats["calls"] == 1  # the caller's client is unchanged, stats shared
+
+
 def test_close_folds_the_wal_into_the_file(tmp_path):
     store = TraceStore(tmp_path / "t.sqlite")
     reader = sqlite3.connect(tmp_path / "t.sqlite")  # another connection keeps SQLite from cleaning up itself

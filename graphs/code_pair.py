@@ -68,7 +68,7 @@ def entry_point(ctx: TeamContext) -> str:
         what = "a free-form question" if task is None else f"task {task.id} (kind {task.kind!r})"
         raise ConfigError(
             f"the code_pair topology writes a program for a code task's tests, but got {what}; "
-            "run it on a code task (--task humaneval or mbpp) or use another topology"
+            "run it on a code task (--task code, humaneval or mbpp) or use another topology"
         )
     return str(task.meta["entry_point"])
 

@@ -151,6 +151,7 @@ def test_registry_names():
         "csqa",
         "humaneval",
         "mbpp",
+        "code",
     }
 
 

@@ -12,6 +12,7 @@ from .arithmetic import OPTIONS as ARITHMETIC_OPTIONS
 from .arithmetic import load_arithmetic
 from .base import Task, TaskError
 from .bbh import load_bbh
+from .code import load_code
 from .csqa import load_csqa
 from .gsm8k import load_gsm8k
 from .humaneval import load_humaneval
@@ -31,6 +32,7 @@ TASKS: dict[str, Callable[..., list[Task]]] = {
     "csqa": load_csqa,
     "humaneval": load_humaneval,
     "mbpp": load_mbpp,
+    "code": load_code,
     "word_problems": load_word_problems,
 }
 OPTIONS: dict[str, tuple[str, ...]] = {"arithmetic": ARITHMETIC_OPTIONS, "word_problems": WORD_PROBLEM_OPTIONS}

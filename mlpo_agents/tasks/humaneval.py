@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Task, TaskError, check_choice, data_file, hub_rows, read_jsonl, resolve_data_dir, sample
+from .base import Task, TaskError, data_file, hub_rows, read_jsonl, resolve_data_dir, sample
 
 
 def load_humaneval(
@@ -17,7 +17,9 @@ def load_humaneval(
 ) -> list[Task]:
     """HumanEval problems as code tasks; the question is the signature plus docstring."""
     split = split or "test"
-    check_choice(split, ("test",), "split", "humaneval")
+    if split != "test":  # the published test set only; task `code` splits it into train and test
+        raise TaskError(f"unknown split {split!r} for task 'humaneval'; valid: test (the published test set). "
+                        "For train and held-out test problems use task 'code' (MBPP + HumanEval).")
     if subset is not None:
         raise TaskError(f"humaneval has no subsets, got subset={subset!r}.")
     root = resolve_data_dir(data_dir)

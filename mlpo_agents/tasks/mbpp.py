@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .base import Task, TaskError, check_choice, data_file, hub_rows, read_jsonl, resolve_data_dir, sample
+from .base import Task, TaskError, data_file, hub_rows, read_jsonl, resolve_data_dir, sample
 
 _CALLED = re.compile(r"assert\s+(?:not\s+)?[\s(]*(?:math\.isclose\(|set\()?\s*([A-Za-z_]\w*)\s*\(")
 
@@ -34,7 +34,9 @@ def load_mbpp(
 ) -> list[Task]:
     """MBPP sanitized test problems as code tasks; meta holds the assert tests and imports."""
     split = split or "test"
-    check_choice(split, ("test",), "split", "mbpp")
+    if split != "test":  # the published test set only; task `code` splits it into train and test
+        raise TaskError(f"unknown split {split!r} for task 'mbpp'; valid: test (the published test set). "
+                        "For train and held-out test problems use task 'code' (MBPP + HumanEval).")
     if subset is not None:
         raise TaskError(f"mbpp has no subsets, got subset={subset!r}.")
     root = resolve_data_dir(data_dir)

@@ -149,22 +149,22 @@ def run_episodes(
 
 
 def run_episodes_together(
-    client: ModelClient, team: TeamConfig, jobs: list[tuple[list[Any], Any]], store: TraceStore, *, task_name: str, concurrency: int
+    client: ModelClient, jobs: list[tuple[TeamConfig, list[Any], Any]], store: TraceStore, *, task_name: str,
+    concurrency: int, **options: Any,
 ) -> list[Any]:
-    """Run `team` on several (tasks, graph) jobs at once, so their calls share the engine's batches;
-    returns one RunSummary per job (an empty job gives an empty summary)."""
+    """Run several (team, tasks, graph) jobs at once, so their calls share the engine's batches (the teams
+    deploy the client's models: `ModelClient.with_team`); `options` go to every `run_team`. Returns one
+    RunSummary per job (an empty job gives an empty summary)."""
     from mlpo_agents.runner import RunSummary, run_team
-
-    client = client.with_team(team)
 
     async def run_all() -> list[Any]:
         runs = [
-            run_team(team, tasks, store, task_name=task_name, client=client, concurrency=concurrency,
-                     progress=False, graph=graph)
-            for tasks, graph in jobs if tasks
+            run_team(team, tasks, store, task_name=task_name, client=client.with_team(team),
+                     concurrency=concurrency, progress=False, graph=graph, **options)
+            for team, tasks, graph in jobs if tasks
         ]  # fmt: skip
         done = iter(await asyncio.gather(*runs))
-        return [next(done) if tasks else RunSummary() for tasks, _ in jobs]
+        return [next(done) if tasks else RunSummary() for _, tasks, _ in jobs]
 
     return asyncio.run(run_all())
 

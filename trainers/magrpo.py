@@ -6,7 +6,8 @@ each node of the rollout the team samples G joint actions, a joint reward R_g sc
 agent i minimises loss_i = -(1/G) sum_g A_g * sum_t log pi_i(o_{i,g,t}) with A_g = R_g - mean_g R
 (`losses.magrpo_loss`). Read top to bottom: `MAGRPOConfig` → the team and its `Agent`s → one step
 (`JointSteps`: rollout, joint actions, one update per agent) → `train` (setup, then `run.run_training`);
-joint actions from traces (`joint_actions`, `joint_returns`, `agent_batches`, pure) are `magrpo_joint`.
+joint actions from traces (`joint_actions`, `joint_returns`, `agent_batches`, pure) are `magrpo_joint`; the
+answering agent's solo groups (`solo_fraction`, off by default) are `magrpo_solo`.
 
 Setting here: the `cooperate` topology (graphs/cooperate.py): a drafter writes a plan, a solver answers
 from it, both trainable; or the paper's own code setting, the `code_pair` topology (graphs/code_pair.py):
@@ -65,6 +66,11 @@ comlrl/trainers/reinforce/magrpo.py, `MAGRPOTrainer`; pinned by tests/test_magrp
   - Sampling is seeded per agent and step (reproducible runs): all of an agent's calls in one step
     share the engine's per-request seed, so two identical prompts would get identical samples; the
     aligned solver prompts differ because they hold different drafts.
+  - `solo_fraction` (0 = the paper): that share of each step's questions is asked to the answering agent
+    alone (as `magrpo_eval` asks it, G samples each, A = R - mean R per question), trained in its update
+    beside its joint actions; other agents get no rows from them (`magrpo_solo`). Why: trained on joint
+    actions only, the solver lost its solo skill (word_problems: alone 0.175 -> 0.020 while the team rose
+    0.025 -> 0.155, so the trained team merely matched the untrained single agent).
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ from .common import (
     PolicyGradientConfig,
     TrainableLora,
     load_split,
-    run_episodes,
+    run_episodes_together,
     shaping_rubric,
 )
 from .magrpo_eval import evaluate
@@ -95,7 +101,9 @@ from .magrpo_joint import (
     graph_params,
     joint_actions,
     joint_returns,
+    reward_weights,
 )
+from .magrpo_solo import SOLO_AGENT, SoloGroups, solo_actions, solo_count, solo_metrics
 from .run import Run, RunState, TrainResult, run_training, seeded_team, step_seed
 
 if TYPE_CHECKING:
@@ -156,6 +164,10 @@ class MAGRPOConfig(PolicyGradientConfig):
     """Built-in team: completion budget of every agent."""
     resume: bool = False
     """Continue from the latest step every agent has a complete checkpoint of."""
+    solo_fraction: float = 0.0
+    """Share of each step's questions asked to `answer_role` alone (G samples each) and trained in the same
+    update; 0 = the paper. Not in the paper: trained on joint actions only, the answering agent loses its solo
+    skill (`magrpo_solo`)."""
 
     def __post_init__(self) -> None:
         self.agents = tuple(self.agents)
@@ -176,6 +188,8 @@ class MAGRPOConfig(PolicyGradientConfig):
             problems.append(f"format_reward={self.format_reward!r}: use one of {', '.join(FORMAT_REWARDS)}")
         if not 0 < self.top_p <= 1 or self.max_grad_norm < 0:
             problems.append(f"top_p={self.top_p} must be in (0, 1] and max_grad_norm >= 0")
+        if not 0 <= self.solo_fraction < 1:
+            problems.append(f"solo_fraction={self.solo_fraction}: must be in [0, 1) (the share of each step's questions asked to the answering agent alone; the rest go to the team)")
         if self.micro_batch_size < 1 or self.concurrency < 1:
             problems.append("micro_batch_size and concurrency must be >= 1")
         if self.offline:
@@ -249,18 +263,11 @@ def agent_team(team: TeamConfig, config: MAGRPOConfig, seed: int, temperature: f
 # ------------------------------------------------------------------------------------------- one step
 
 
-def rollout(team: TeamConfig, tasks: list[Task], store: TraceStore, graph: Any, client: ModelClient, config: MAGRPOConfig) -> Any:
-    """Run the team on `tasks` with every agent's current adapter; returns the runner's RunSummary."""
-    return run_episodes(
-        client,
-        team,
-        tasks,
-        store,
-        task_name=config.task,
-        concurrency=config.concurrency,
-        progress=False,
-        graph=graph,
-        score_roles=config.agents,
+def rollout(jobs: list[tuple[TeamConfig, list[Task], Any]], store: TraceStore, client: ModelClient, config: MAGRPOConfig) -> list[Any]:
+    """Run the step's (team, tasks, graph) jobs together with every agent's current adapter; one RunSummary each."""
+    roles = (*config.agents, SOLO_AGENT) if len(jobs) > 1 else config.agents  # the agent alone is `leader`
+    return run_episodes_together(
+        client, jobs, store, task_name=config.task, concurrency=config.concurrency, score_roles=roles
     )
 
 
@@ -279,18 +286,27 @@ class JointSteps:
         params = graph_params(config, team)
         self.team = team.model_copy(update={"params": params})
         self.graph = build_topology(team.topology, **params)
+        self.solo_count = solo_count(config)
+        self.solo = SoloGroups(team, config) if self.solo_count else None
 
     def __call__(self, n: int) -> dict[str, Any]:
         config, questions, agents = self.config, self.questions, self.agents
         tasks = [questions[(self.state.cursor + i) % len(questions)] for i in range(config.questions_per_step)]
         self.state.cursor += config.questions_per_step
+        solo, tasks = tasks[: self.solo_count], tasks[self.solo_count :]
         t0 = time.perf_counter()
-        seeded = agent_team(self.team, config, step_seed(config.seed, n))
-        summary = rollout(seeded, tasks, self.store, self.graph, self.client, config)
+        jobs = [(agent_team(self.team, config, step_seed(config.seed, n)), tasks, self.graph)]
+        if self.solo is not None:
+            alone = self.solo.seeded(agents[config.answer_role], step_seed(config.seed, n, "solo"))
+            jobs.append((alone, solo, self.solo.graph))
+        summaries = rollout(jobs, self.store, self.client, config)
+        summary, solo_summary = summaries[0], (summaries[1] if solo else None)
         rollout_s = time.perf_counter() - t0
-        actions, batches, missing, skipped = step_batches(self.store, summary, [t.id for t in tasks], agents, config)
+        order = [t.id for t in solo + tasks]
+        actions, batches, missing, skipped, solo_stats = step_batches(self.store, summary, order, agents, config, solo_summary)
         metrics: dict[str, Any] = {
             **step_metrics(actions, summary),
+            **solo_stats,
             "rollout_s": rollout_s,
             "skipped_no_reward": skipped["no_reward"],
             "skipped_after_termination": skipped["after_termination"],
@@ -304,12 +320,15 @@ class JointSteps:
 
 
 def step_batches(
-    store: TraceStore, summary: RunSummary, order: list[str], agents: dict[str, Agent], config: MAGRPOConfig
+    store: TraceStore, summary: RunSummary, order: list[str], agents: dict[str, Agent], config: MAGRPOConfig,
+    solo: RunSummary | None = None,
 ) -> tuple[Any, ...]:
-    """Joint actions, returns and per-agent batches of one rollout (questions ranked as in `order`)."""
+    """Joint actions, returns, per-agent batches (with the `solo` rollout's groups in the answering agent's) and
+    solo metrics of one step (questions ranked as in `order`)."""
     episode_ids = [r.episode_id for r in summary.results]
     position = {task_id: i for i, task_id in enumerate(order)}
-    episode_order = {r.episode_id: position[r.task_id] for r in summary.results}
+    results = [*summary.results, *(solo.results if solo else [])]
+    episode_order = {r.episode_id: position[r.task_id] for r in results}
     calls = store.calls(episode_id=episode_ids, role=list(config.agents))
     rewards = store.rewards(episode_id=episode_ids)
     actions, skipped = joint_actions(
@@ -317,9 +336,7 @@ def step_batches(
         rewards,
         agents=config.agents,
         answer_role=config.answer_role,
-        reward_weights={"correct": 1.0, config.format_reward: config.format_weight}
-        if config.format_weight
-        else {"correct": 1.0},
+        reward_weights=reward_weights(config),
         threshold=config.threshold,
         episode_order=episode_order,
     )
@@ -329,15 +346,17 @@ def step_batches(
             f"check that `{config.answer_role}` calls record their parent calls and rewards"
         )
     joint_returns(actions, config.gamma)
+    alone, solo_skipped = solo_actions(store, solo, config, episode_order) if solo else ([], {"no_reward": 0})
+    skipped["no_reward"] += solo_skipped["no_reward"]
     batches, missing = agent_batches(
-        actions,
+        [*actions, *alone],
         agents=config.agents,
         base_models={r: a.base_model for r, a in agents.items()},
         pad_token_ids={r: a.pad_token_id for r, a in agents.items()},
         std_scale=config.std_scale,
         max_len=config.max_len,
     )
-    return actions, batches, missing, skipped
+    return actions, batches, missing, skipped, solo_metrics(store, solo, alone) if solo else {}
 
 
 def update_agent(agent: Agent, batch: TrajectoryBatch, config: MAGRPOConfig) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Pure functions of recorded calls and rewards (no model, no engine): `joint_actio
 to the same-turn calls it builds on and applies CoMLRL's node-level early termination, `joint_returns`
 discounts later turns' returns into each joint action's value, `agent_batches` regroups every agent's calls
 by joint-action group with those returns as rewards. `JOINT_TOPOLOGIES`, `for_team` and `graph_params` say
-how the shipped two-agent topologies produce joint actions. The trainer is `trainers.magrpo`.
+how the shipped two-agent topologies produce joint actions; `reward_weights` what the joint reward weighs. The
+trainer is `trainers.magrpo`.
 """
 
 from __future__ import annotations
@@ -227,6 +228,12 @@ def agent_batches(
                 raise
             missing[role] = str(e)
     return batches, missing
+
+
+def reward_weights(config: MAGRPOConfig) -> dict[str, float]:
+    """The joint reward's weights of the answer call's rewards: `correct`, plus `format_weight` x the
+    `format_reward` shaping entry when it counts (stores recorded without one stay usable)."""
+    return {"correct": 1.0, config.format_reward: config.format_weight} if config.format_weight else {"correct": 1.0}
 
 
 # ------------------------------------------------------------------------------------------- topologies

@@ -101,7 +101,7 @@ class OnlineSteps:
         hits = pool.hits
         seeded = leader_team(self.team, step_seed(config.seed, n), config.leader_temperature)
         summary, solo_summary = run_episodes_together(
-            self.policy.client, seeded, [(tasks, self.graph), (solo, self.solo_graph)], store,
+            self.policy.client, [(seeded, tasks, self.graph), (seeded, solo, self.solo_graph)], store,
             task_name=config.task, concurrency=config.concurrency,
         )  # fmt: skip
         solo_summary = solo_summary if solo else None

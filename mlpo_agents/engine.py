@@ -1,10 +1,11 @@
 """In-process batched generation engine (transformers) behind the litellm provider ``local/``.
 
 ``LocalEngine`` owns one model on a background daemon thread. Requests queue up; the worker runs
-*continuous batching*: between two decode steps it prefills newly arrived prompts (one forward per
-distinct prompt, the ``n`` samples of a request share it), merges their KV caches into the running batch
-in one rebuild (left padding + a boolean mask + per-row positions) and keeps decoding. Finished rows leave
-at once, all-padding columns are trimmed; a prompt whose prefill fails fails alone.
+*continuous batching*: between two decode steps it prefills newly arrived prompts together (a few
+left-padded forwards, one row per distinct prompt and adapter: the ``n`` samples of a request and identical
+prompts share it; ``prefill.py``), merges their KV caches into the running batch in one rebuild (left
+padding + a boolean mask + per-row positions) and keeps decoding. Finished rows leave at once, all-padding
+columns are trimmed; a prompt whose prefill fails fails alone.
 
 Logprobs convention: ``logprobs[t]`` is the log-probability of the sampled token under the *raw model*
 distribution, ``log_softmax(logits)`` at temperature 1, before temperature / top-p are applied. This is
@@ -35,6 +36,7 @@ import torch
 
 from mlpo_agents import zoo
 from mlpo_agents.kv_cache import concat_caches, keep_cache_rows, left_pad_mask
+from mlpo_agents.prefill import PrefilledBlock, WavePrompt, prefill_wave
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
 __all__ = ["GenerationResult", "LocalEngine", "Sample", "SamplingParams"]
@@ -106,6 +108,7 @@ class LocalEngine:
         self.eos_token_ids = frozenset(eos_ids)
         self.max_positions = int(getattr(self._base_model.config, "max_position_embeddings", 1 << 30))
         self._use_bool_mask = self._base_model.config._attn_implementation in ("sdpa", "flash_attention_2")
+        self.stats = {"prefill_forwards": 0, "prefill_tokens": 0}  # prefill work so far (real tokens)
         self._queue: queue.Queue = queue.Queue()
         self._commands: list[tuple[str, tuple, concurrent.futures.Future]] = []
         self._commands_lock = threading.Lock()
@@ -299,10 +302,7 @@ class LocalEngine:
 
     def _admit(self, waiting: list[_Request]) -> list[_Request]:
         """Prefill requests that fit in the batch and merge them into it; return those that must wait."""
-        from transformers import DynamicCache
-
-        still_waiting = []
-        admitted: list[tuple[list[_Row], Any, torch.Tensor]] = []  # rows, prefilled cache, logits (n, V)
+        still_waiting, wave = [], []
         free = self.max_batch_size - len(self._rows)
         for request in waiting:
             if request.future.cancelled():
@@ -310,45 +310,44 @@ class LocalEngine:
             if request.adapter is not None and request.adapter not in self.adapters:
                 request.future.set_exception(KeyError(f"Adapter {request.adapter!r} was unloaded"))
                 continue
-            n = request.params.n
-            if n > free:
+            if request.params.n > free:
                 still_waiting.append(request)
                 continue
-            prompt = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-            cache = DynamicCache(config=self._base_model.config)
-            try:
-                logits = self._forward(prompt, None, None, cache, [request.adapter])  # (1, V)
-            except Exception as exc:  # this prompt's prefill failed: fail it alone, never retry it
-                request.future.set_exception(exc)
-                continue
-            if n > 1:
-                cache.batch_repeat_interleave(n)
-                logits = logits.expand(n, -1)
-            seed = request.params.seed if request.params.seed is not None else random.getrandbits(62)
-            room = self.max_positions - len(request.prompt_ids)
-            rows = []
-            for i in range(n):
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(hash((seed, i)) & ((1 << 62) - 1))
-                rows.append(_Row(request, i, generator, min(request.params.max_tokens, room)))
-            admitted.append((rows, cache, logits))
-            free -= n
-        if admitted:
+            wave.append(request)
+            free -= request.params.n
+        if not wave:
+            return still_waiting
+        prompts = [WavePrompt(r.prompt_ids, r.adapter, r.params.n) for r in wave]
+        prefill = prefill_wave(prompts, self._forward, self._base_model.config, self.device, self.stats)
+        for i, exc in prefill.failures.items():  # this prompt's prefill failed: fail it alone, never retry it
+            wave[i].future.set_exception(exc)
+        if prefill.blocks:
             first_new = len(self._rows)
-            self._merge(admitted)
-            self._sample_and_advance(torch.cat([logits for _, _, logits in admitted]), rows_offset=first_new)
+            self._merge(prefill.blocks, wave)
+            self._sample_and_advance(torch.cat([b.logits for b in prefill.blocks]), rows_offset=first_new)
         return still_waiting
 
-    def _merge(self, admitted: list[tuple[list[_Row], Any, torch.Tensor]]) -> None:
-        """Append prefilled rows and their KV caches to the running batch in one rebuild, left-padded."""
-        blocks = [] if self._cache is None else [(self._cache, self._mask)]
-        for rows, cache, _ in admitted:
-            prompt_len = len(rows[0].request.prompt_ids)
-            blocks.append((cache, torch.ones(len(rows), prompt_len, dtype=torch.bool, device=self.device)))
-        width = max(mask.shape[1] for _, mask in blocks)
-        self._cache = concat_caches(self._base_model.config, [cache for cache, _ in blocks], width)
-        self._mask = torch.cat([left_pad_mask(mask, width) for _, mask in blocks])
-        new_rows = [row for rows, _, _ in admitted for row in rows]
+    def _new_rows(self, request: _Request) -> list[_Row]:
+        """The n rows of a prefilled request, each with its own generator seeded from the request's seed."""
+        seed = request.params.seed if request.params.seed is not None else random.getrandbits(62)
+        room = self.max_positions - len(request.prompt_ids)
+        rows = []
+        for i in range(request.params.n):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(hash((seed, i)) & ((1 << 62) - 1))
+            rows.append(_Row(request, i, generator, min(request.params.max_tokens, room)))
+        return rows
+
+    def _merge(self, blocks: list[PrefilledBlock], wave: list[_Request]) -> None:
+        """Append prefilled blocks to the running batch in one cache rebuild, left-padded to a common width."""
+        caches = [block.cache for block in blocks]
+        masks = [block.mask for block in blocks]
+        if self._cache is not None:
+            caches, masks = [self._cache, *caches], [self._mask, *masks]
+        width = max(mask.shape[1] for mask in masks)
+        self._cache = concat_caches(self._base_model.config, caches, width)
+        self._mask = torch.cat([left_pad_mask(mask, width) for mask in masks])
+        new_rows = [row for block in blocks for i in block.members for row in self._new_rows(wave[i])]
         positions = torch.tensor([len(row.request.prompt_ids) for row in new_rows], device=self.device)
         new_last = torch.zeros(len(new_rows), dtype=torch.long, device=self.device)
         if self._positions is not None:

@@ -1,8 +1,15 @@
-"""LocalEngine on tiny-test: continuous batching matches one-at-a-time, logprobs, sampling, adapters, litellm."""
+"""LocalEngine on tiny-test: continuous batching matches one-at-a-time, logprobs, sampling, adapters, litellm,
+batched prefill of an admission wave.
+
+Tolerance: fp32 logprobs are compared with abs=1e-4 throughout. Batching (in decode, and in a left-padded
+prefill forward) changes matmul shapes, hence the summation order, so fp32 results may differ in the last
+bits (measured ~1e-5 on tiny-test); greedy and seeded tokens must be equal exactly.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -13,6 +20,7 @@ import torch
 from mlpo_agents import zoo
 from mlpo_agents.engine import LocalEngine
 from mlpo_agents.engines import get_engine, parse_local_model
+from mlpo_agents.prefill import MAX_FORWARD_TOKENS, plan_forwards
 from mlpo_agents.providers import register_local_provider
 
 PROMPTS = [
@@ -251,3 +259,135 @@ def test_failed_prefill_fails_that_request_only(engine):
         bad.result(timeout=60)
     assert good.result(timeout=60).samples[0].token_ids
     assert engine.generate(PROMPTS[2], max_tokens=4, temperature=0).samples[0].token_ids
+
+
+@contextlib.contextmanager
+def _one_wave(engine):
+    """Requests submitted inside the block are admitted in one wave: meanwhile the worker is held inside a
+    command, past draining its queue, and drains them all at once when released."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(*args):
+        entered.set()
+        release.wait(60)
+
+    engine._do_load = hold
+    holder = threading.Thread(target=engine._run_command, args=("load", ("hold", "")))
+    holder.start()
+    assert entered.wait(60)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(60)
+        del engine._do_load
+
+
+def _stats_delta(engine, before):
+    return {key: engine.stats[key] - before[key] for key in before}
+
+
+def test_plan_forwards_bounds_padding():
+    # Longest first; 50 still fits (4 x 100 = 400 <= 1.25 x 320), the 10s would pad 500 for 330 real.
+    assert plan_forwards([10, 100, 50, 90, 10, 80]) == [[1, 3, 5, 2], [0, 4]]
+    assert plan_forwards([100, 60]) == [[0, 1]]  # padded 200 = 1.25 x 160 real: the bound itself
+    assert plan_forwards([100, 59]) == [[0], [1]]
+    assert plan_forwards([7]) == [[0]]
+    # The token cap splits even equal lengths.
+    assert plan_forwards([MAX_FORWARD_TOKENS // 2 + 1] * 2) == [[0], [1]]
+
+
+def test_wave_prefill_greedy_equals_one_at_a_time(engine):
+    """One wave of prompts of different lengths, prefilled in a few left-padded forwards, gives the tokens
+    and logprobs (first token's included: it comes from the batched prefill) of one request at a time."""
+    singles = [engine.generate(m, max_tokens=20, temperature=0) for m in PROMPTS]
+    lengths = [len(s.prompt_token_ids) for s in singles]
+    plan = plan_forwards(lengths)
+    assert any(len({lengths[i] for i in forward}) > 1 for forward in plan)  # some forward has padding
+    before = dict(engine.stats)
+    with _one_wave(engine):
+        futures = [engine.submit(m, max_tokens=20, temperature=0) for m in PROMPTS]
+    batched = [f.result(timeout=60) for f in futures]
+    assert _stats_delta(engine, before) == {"prefill_forwards": len(plan), "prefill_tokens": sum(lengths)}
+    for single, batch in zip(singles, batched, strict=True):
+        assert batch.samples[0].token_ids == single.samples[0].token_ids
+        assert batch.samples[0].logprobs[0] == pytest.approx(single.samples[0].logprobs[0], abs=1e-4)
+        assert batch.samples[0].logprobs == pytest.approx(single.samples[0].logprobs, abs=1e-4)
+
+
+def test_wave_prefill_sampled_equals_one_at_a_time(engine):
+    """Seeded sampling (temperature 1, top-p) is unchanged by a batched prefill: same tokens, logprobs 1e-4."""
+    kwargs = dict(max_tokens=12, temperature=1.0, top_p=0.9)
+    singles = [engine.generate(m, seed=i, **kwargs) for i, m in enumerate(PROMPTS)]
+    with _one_wave(engine):
+        futures = [engine.submit(m, seed=i, **kwargs) for i, m in enumerate(PROMPTS)]
+    for single, future in zip(singles, futures, strict=True):
+        batch = future.result(timeout=60)
+        assert batch.samples[0].token_ids == single.samples[0].token_ids
+        assert batch.samples[0].logprobs == pytest.approx(single.samples[0].logprobs, abs=1e-4)
+
+
+def test_identical_prompts_prefilled_once_sampled_per_seed(engine):
+    """Three peers send one prompt with different seeds (plus a request with n=2): one prefill forward of the
+    prompt's tokens, and each request samples what it samples alone."""
+    kwargs = dict(max_tokens=12, temperature=1.0)
+    alone = [engine.generate(PROMPTS[1], seed=seed, **kwargs) for seed in (1, 2, 3)]
+    alone.append(engine.generate(PROMPTS[1], seed=4, n=2, **kwargs))
+    before = dict(engine.stats)
+    with _one_wave(engine):
+        futures = [engine.submit(PROMPTS[1], seed=seed, **kwargs) for seed in (1, 2, 3)]
+        futures.append(engine.submit(PROMPTS[1], seed=4, n=2, **kwargs))
+    together = [f.result(timeout=60) for f in futures]
+    prompt_len = len(alone[0].prompt_token_ids)
+    assert _stats_delta(engine, before) == {"prefill_forwards": 1, "prefill_tokens": prompt_len}
+    for one, both in zip(alone, together, strict=True):
+        assert [s.token_ids for s in both.samples] == [s.token_ids for s in one.samples]
+        for s_both, s_one in zip(both.samples, one.samples, strict=True):
+            assert s_both.logprobs == pytest.approx(s_one.logprobs, abs=1e-4)
+    assert len({tuple(r.samples[0].token_ids) for r in together}) > 1  # the seeds still matter
+
+
+def test_mixed_adapters_in_one_prefill(tmp_path):
+    """One prefill forward over rows with different adapters: each row gets its own adapter's output, and an
+    identical prompt under another adapter is not shared."""
+    eng = LocalEngine("tiny-test", max_batch_size=8)
+    try:
+        _make_adapter(tmp_path / "a1", seed=1)
+        _make_adapter(tmp_path / "a2", seed=2)
+        eng.load_adapter("a1", tmp_path / "a1")
+        eng.load_adapter("a2", tmp_path / "a2")
+        wave = [(PROMPTS[1], None), (PROMPTS[1], "a1"), (PROMPTS[1], "a2"), (PROMPTS[4], "a1")]
+        solo = [eng.generate(m, max_tokens=16, temperature=0, adapter=a) for m, a in wave]
+        assert len({tuple(r.samples[0].token_ids) for r in solo[:3]}) == 3  # the adapters change the output
+        before = dict(eng.stats)
+        with _one_wave(eng):
+            futures = [eng.submit(m, max_tokens=16, temperature=0, adapter=a) for m, a in wave]
+        together = [f.result(timeout=60) for f in futures]
+        lengths = [len(r.prompt_token_ids) for r in solo]
+        assert plan_forwards(lengths) == [[0, 1, 2, 3]]  # all four rows share one forward
+        assert _stats_delta(eng, before) == {"prefill_forwards": 1, "prefill_tokens": sum(lengths)}
+        for one, both in zip(solo, together, strict=True):
+            assert both.samples[0].token_ids == one.samples[0].token_ids
+            assert both.samples[0].logprobs == pytest.approx(one.samples[0].logprobs, abs=1e-4)
+    finally:
+        eng.close()
+
+
+def test_failed_batched_prefill_falls_back_to_one_by_one(engine):
+    """A bad prompt in a batched prefill forward: the forward is retried prompt by prompt, only the bad
+    prompt fails, the others give their one-at-a-time output."""
+    good = [engine.generate(m, max_tokens=8, temperature=0) for m in (PROMPTS[1], PROMPTS[4])]
+    good_ids = [r.prompt_token_ids for r in good]
+    bad_ids = list(good_ids[0])
+    bad_ids[5] = engine._base_model.config.vocab_size + 10
+    lengths = [len(ids) for ids in (bad_ids, *good_ids)]
+    assert len(plan_forwards(lengths)) == 1  # the three would share one forward
+    before = dict(engine.stats)
+    with _one_wave(engine):
+        bad = engine.submit(prompt_token_ids=bad_ids, max_tokens=8, temperature=0)
+        futures = [engine.submit(prompt_token_ids=ids, max_tokens=8, temperature=0) for ids in good_ids]
+    with pytest.raises(IndexError):
+        bad.result(timeout=60)
+    for one, future in zip(good, futures, strict=True):
+        assert future.result(timeout=60).samples[0].token_ids == one.samples[0].token_ids
+    assert _stats_delta(engine, before)["prefill_forwards"] == 2  # the failed forwards count nothing

@@ -180,8 +180,8 @@ def next_turn_or_end(turns: int, threshold: float) -> Any:
     """Branch the unfinished joint actions into the next turn, or end after the last turn."""
     to_drafter = fan_out_each("drafter", branches(threshold))
 
-    def route(state: dict[str, Any]) -> Any:
-        return to_drafter(state) if state.get("round", 0) < turns else END
+    async def route(state: dict[str, Any]) -> Any:  # async, like the `nodes` building blocks it awaits
+        return await to_drafter(state) if state.get("round", 0) < turns else END
 
     return route
 

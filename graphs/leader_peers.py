@@ -54,8 +54,8 @@ def leader_prompt(state: dict[str, Any], agent: str, ctx: TeamContext) -> list[d
     )
 
 
-def leader_done(state: dict[str, Any]) -> dict[str, Any]:
-    """Advance the round and set the team answer to the leader's latest answer."""
+async def leader_done(state: dict[str, Any]) -> dict[str, Any]:
+    """Advance the round and set the team answer to the leader's latest answer (async: see `nodes`)."""
     last = latest(state.get("turns", []), "leader")
     return {
         "round": state.get("round", 0) + 1,

@@ -3,12 +3,17 @@
 The shipped topologies (leader_peers, gvr, debate) are built only from these; a user topology is a
 few dozen lines of the same calls. Nodes follow LangGraph's `State -> partial State` convention and
 reach the model client through the runtime context (`TeamContext`).
+
+The nodes and edges here are coroutines although none of them waits on anything: LangGraph runs a sync
+node or edge in a worker thread when the graph runs async, a hop that cost about 0.1-0.3 ms each,
+three per leader_peers episode, more than the node's own work (benchmarks/bench_overhead.py).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from langgraph.graph import END
@@ -76,10 +81,12 @@ def make_turn(sample: Any, agent: str, role: str, round_: int) -> Turn:
     )
 
 
-def fan_out(node: str, agents: Sequence[str] | Callable[[dict[str, Any]], Sequence[str]]) -> Callable[..., list[Send]]:
+def fan_out(
+    node: str, agents: Sequence[str] | Callable[[dict[str, Any]], Sequence[str]]
+) -> Callable[..., Awaitable[list[Send]]]:
     """A conditional edge that runs `node` once per agent, in parallel, each with `state + {agent}`."""
 
-    def route(state: dict[str, Any]) -> list[Send]:
+    async def route(state: dict[str, Any]) -> list[Send]:
         names = agents(state) if callable(agents) else agents
         return [Send(node, AgentInput(**_shared(state), agent=a)) for a in names]  # type: ignore[typeddict-item]
 
@@ -93,15 +100,18 @@ def _shared(state: dict[str, Any]) -> dict[str, Any]:
 def round_loop(rounds: int, again: str | Callable[[dict[str, Any]], Any], done: str = END) -> Callable[..., Any]:
     """A conditional edge: go to `again` (a node or a fan-out) while `state['round'] < rounds`, else `done`."""
 
-    def route(state: dict[str, Any]) -> Any:
+    async def route(state: dict[str, Any]) -> Any:
         if state.get("round", 0) < rounds:
-            return again(state) if callable(again) else again
+            if not callable(again):
+                return again
+            found = again(state)
+            return await found if inspect.isawaitable(found) else found
         return done
 
     return route
 
 
-def next_round(state: dict[str, Any]) -> dict[str, Any]:
+async def next_round(state: dict[str, Any]) -> dict[str, Any]:
     """A node that advances the round counter."""
     return {"round": state.get("round", 0) + 1}
 
@@ -166,14 +176,14 @@ def fan_out_each(
     edge goes to `otherwise` instead of silently ending the graph.
     """
 
-    def route(state: dict[str, Any]) -> list[Send] | str:
+    async def route(state: dict[str, Any]) -> list[Send] | str:
         sends = [Send(node, {**_shared(state), **p}) for p in payloads(state)]
         return sends or otherwise
 
     return route
 
 
-def join(state: dict[str, Any]) -> dict[str, Any]:
+async def join(state: dict[str, Any]) -> dict[str, Any]:
     """A no-op node where parallel branches meet, so the fan-out after it starts once, not once per branch."""
     return {}
 

@@ -84,6 +84,10 @@ class TeamConfig(BaseModel):
     """litellm Router deployments: `{model_name, litellm_params: {model, api_base, ...}, model_info}`."""
     router_settings: dict[str, Any] = Field(default_factory=lambda: {"num_retries": 2, "timeout": 600})
     """litellm Router keyword arguments: num_retries, timeout, fallbacks, retry_after, ..."""
+    router_usage_tracking: bool = True
+    """The Router's usage callbacks on every successful call (tpm/rpm counters, successes per minute that its
+    cooldowns read). `false` drops them, about 0.3 ms of the 1.1-1.2 ms the Router adds to a call (docs/teams.md,
+    "What the Router costs"); it needs `router_settings: {disable_cooldowns: true}` and no tpm/rpm limits."""
     roles: dict[str, RoleConfig]
     """Role → deployment. An agent `peer-2` uses `roles['peer-2']` when present, else `roles['peer']`."""
 
@@ -103,6 +107,8 @@ class TeamConfig(BaseModel):
                     f"roles.{role}.model is {rc.model!r}, which is not a model_name in model_list "
                     f"(known: {', '.join(names)}); add a deployment or fix the name"
                 )
+        if not self.router_usage_tracking:
+            _check_untracked_router(self.router_settings, self.model_list)
         return self
 
     def role(self, agent: str) -> RoleConfig:
@@ -131,6 +137,27 @@ class TeamConfig(BaseModel):
     def with_overrides(self, **params: Any) -> TeamConfig:
         """A copy with topology params updated."""
         return self.model_copy(update={"params": {**self.params, **params}})
+
+
+def _check_untracked_router(settings: dict[str, Any], model_list: list[dict[str, Any]]) -> None:
+    """Refuse `router_usage_tracking: false` where the Router reads what its usage callbacks count."""
+    if settings.get("disable_cooldowns") is not True:
+        raise ValueError(
+            "router_usage_tracking: false leaves the Router's cooldowns without success counts (every failure "
+            "would look like a 100% failure rate); add `disable_cooldowns: true` to router_settings"
+        )
+    if settings.get("routing_strategy", "simple-shuffle") != "simple-shuffle":
+        raise ValueError(
+            f"router_usage_tracking: false with routing_strategy {settings['routing_strategy']!r}: only "
+            "simple-shuffle is known to read none of the usage counts; keep router_usage_tracking"
+        )
+    for dep in model_list:
+        places = (dep, dep.get("litellm_params") or {}, dep.get("model_info") or {})
+        if any(place.get(key) is not None for place in places for key in ("tpm", "rpm")):
+            raise ValueError(
+                f"router_usage_tracking: false: deployment {dep.get('model_name')!r} sets tpm/rpm limits, which "
+                "the Router enforces from the usage callbacks count; drop the limits or keep router_usage_tracking"
+            )
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

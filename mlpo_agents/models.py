@@ -5,6 +5,8 @@ come from `router_settings`) and is recorded as token-exact `ModelCall` events. 
 shape is read from vLLM servers (`hosted_vllm/`, asked for token ids and logprobs) and from the
 in-process engine (`local/`, which mimics it). Graph nodes reach the client through LangGraph's runtime
 context; the node name and episode id are filled in from LangGraph's run context when not given.
+What the Router adds to each call, and the part a team can turn off (`router_usage_tracking: false`,
+about 0.3 of its 1.1-1.2 ms), is in docs/teams.md, "What the Router costs".
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ def _import_litellm() -> Any:
 
     litellm.suppress_debug_info = True
     return litellm
+
+
+def drop_usage_callbacks(litellm: Any, router: Any) -> None:
+    """Take `router`'s usage callbacks out of litellm's global success-callback lists (team setting
+    `router_usage_tracking: false`). Each Router registers them there when built; they count tpm/rpm and
+    successes per minute after every call, in a task and (the sync one) in a worker thread."""
+    for name in ("_async_success_callback", "success_callback"):
+        callbacks = getattr(litellm, name)
+        callbacks[:] = [cb for cb in callbacks if getattr(cb, "__self__", None) is not router]
 
 
 def _langgraph_context() -> tuple[str | None, str | None]:
@@ -106,6 +117,8 @@ class ModelClient:
             register_local_provider()
         settings = {"num_retries": 2, "timeout": 600, **team.router_settings}
         self.router = self._litellm.Router(model_list=[dict(d) for d in team.model_list], **settings)
+        if not team.router_usage_tracking:
+            drop_usage_callbacks(self._litellm, self.router)
         self._route: dict[str, str] = {}  # role -> model_name override (adapter versions)
         self._versions: dict[str, str] = {}  # model_name -> version label
         self._base_models = {d["model_name"]: self._base_model_of(d) for d in team.model_list}

@@ -139,6 +139,13 @@ class ModelClient:
         view.team = team
         return view
 
+    def close(self) -> None:
+        """Unhook this client's Router from litellm's global callback lists: litellm keeps every Router's
+        callbacks for the life of the process and runs them all on every call, so a process that builds many
+        clients slows down call by call. Views (`with_team`, `recording_to`) share the Router: close the
+        client that built it, once, when done with it and its views."""
+        self.router.discard()
+
     def recording_to(self, store: TraceStore | None) -> ModelClient:
         """This client recording its calls in `store` (itself when it already does): the runner gives each
         episode's calls to the store that holds the episode, so a store is never left with calls whose

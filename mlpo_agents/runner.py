@@ -205,7 +205,16 @@ async def run_team(
     `checkpoints` is a SQLite file for LangGraph checkpoints: with it, `resume=True` continues
     interrupted multi-round episodes from their last finished step instead of restarting them.
     `rubric` scores every episode (default: each task's own, `Rubric.for_task`; see `run_episode`).
+    Without `client`, a client is built for this run and closed after it.
     """
+    if client is None:
+        client = ModelClient(team, store)
+        try:
+            return await run_team(team, tasks, store, task_name=task_name, client=client, concurrency=concurrency,
+                                  resume=resume, progress=progress, score_roles=score_roles, stream=stream,
+                                  graph=graph, checkpoints=checkpoints, rubric=rubric)  # fmt: skip
+        finally:
+            client.close()
     if checkpoints is None:
         return await _run_team(team, tasks, store, task_name, client, concurrency, resume, progress,
                                score_roles, stream, graph or build_topology(team.topology, **team.params), rubric)
@@ -218,13 +227,13 @@ async def run_team(
 
 
 async def _run_team(
-    team: TeamConfig, tasks: Sequence[Task], store: TraceStore, task_name: str, client: ModelClient | None,
+    team: TeamConfig, tasks: Sequence[Task], store: TraceStore, task_name: str, client: ModelClient,
     concurrency: int, resume: bool, progress: bool, score_roles: Sequence[str] | None,
     stream: Callable[[str, dict[str, Any]], None] | None, graph: Any, rubric: Rubric | None = None,
 ) -> RunSummary:
     if concurrency < 1:
         raise ValueError(f"concurrency={concurrency}: must be >= 1")
-    client = client.recording_to(store) if client is not None else ModelClient(team, store)
+    client = client.recording_to(store)
     roles = tuple(score_roles) if score_roles is not None else tuple(team.trainable_roles() or ["leader"])
     done_ids = store.finished_task_ids(task_name, team.name) if resume else set()
     unfinished = await _resumable(graph, store.unfinished_episodes(task_name, team.name)) if resume else {}

@@ -121,6 +121,7 @@ class Team:
         check_topology(config)
         self.config = config
         self.store = store
+        self._owns_client = client is None
         self.client = client or ModelClient(config, store)
         self.rubric = rubric
         """What episodes are scored with unless a call gives its own (None: each task's default rubric)."""
@@ -322,8 +323,10 @@ class Team:
         return self.client.version_of(role or self.answer_role)
 
     def close(self) -> None:
-        """Close the trace store."""
+        """Close the trace store, and the model client when the team built it (`ModelClient.close`)."""
         self.store.close()
+        if self._owns_client:
+            self.client.close()
 
     # ---- helpers ---------------------------------------------------------------------------------
 

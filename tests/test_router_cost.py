@@ -121,3 +121,32 @@ def test_async_round_loop_takes_a_sync_or_async_next_step():
     sends = asyncio.run(round_loop(1, fan_out("peer", ["peer-1", "peer-2"]))(state))
     assert [s.arg["agent"] for s in sends] == ["peer-1", "peer-2"]
     assert asyncio.run(round_loop(1, "again")({"round": 1})) == "__end__"
+
+
+def test_clients_built_for_a_run_or_a_team_leave_no_callbacks_behind(tmp_path):
+    """litellm keeps every Router's callbacks for the life of the process and runs them all on every call:
+    a run that builds its own client, and a Team that built one, unhook theirs when done."""
+    import litellm
+
+    from mlpo_agents.team import Team
+
+    names = ("success_callback", "_async_success_callback", "failure_callback", "_async_failure_callback")
+
+    def sizes():
+        return {n: len(getattr(litellm, n)) for n in names}
+
+    team = scripted_team({"leader": ScriptedModel("leak-leader", "<answer>4</answer>")}, params={"peers": 0})
+    store = TraceStore(tmp_path / "t.sqlite")
+    ModelClient(team, store).close()  # litellm set up (its lists exist) before counting
+    before = sizes()
+    for _ in range(3):
+        asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False))
+    assert sizes() == before
+    client = ModelClient(team, store)
+    assert registered(client.router)["_async_success_callback"] == 1
+    client.close()
+    assert sizes() == before and sum(registered(client.router).values()) == 0
+    owner = Team(team, TraceStore(tmp_path / "u.sqlite"))
+    assert sizes() != before
+    owner.close()
+    assert sizes() == before

@@ -96,7 +96,10 @@ def evaluate_alone(
     client = ModelClient(solo, store)
     if agent.folder is not None:
         hot_load(client, "leader", agent.folder, agent.version)  # the same adapter, under the same name
-    return run_episodes(
-        client, solo, tasks, store, task_name=config.task, concurrency=config.concurrency, progress=False,
-        graph=build_topology(solo.topology, **solo.params),
-    )  # fmt: skip
+    try:
+        return run_episodes(
+            client, solo, tasks, store, task_name=config.task, concurrency=config.concurrency, progress=False,
+            graph=build_topology(solo.topology, **solo.params),
+        )  # fmt: skip
+    finally:
+        client.close()

@@ -130,10 +130,14 @@ def role_budgets(recipe: Recipe) -> dict[str, tuple[int, int, str]]:
         peers = [out(f"peer-{i}") for i in range(1, int(team.params.get("peers", 0)) + 1)]
         how = f"question {q} + peers {' + '.join(map(str, peers)) or '0'}"
         return {"leader": (q + sum(peers), out("leader"), how)}
-    if recipe.trainer.algo == "magrpo":
+    if recipe.trainer.algo == "magrpo":  # the first agent reads the question, the second also its output
+        from .magrpo_joint import JOINT_TOPOLOGIES
+
+        joint = JOINT_TOPOLOGIES.get(team.topology, JOINT_TOPOLOGIES["cooperate"])
+        first, second = joint.agents
         return {
-            "drafter": (q, out("drafter"), f"question {q}"),
-            "solver": (q + out("drafter"), out("solver"), f"question {q} + draft {out('drafter')}"),
+            first: (q, out(first), f"question {q}"),
+            second: (q + out(first), out(second), f"question {q} + {first} {out(first)}"),
         }
     g, v = out("generator"), out("verifier")
     return {

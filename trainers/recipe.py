@@ -271,9 +271,14 @@ def _trainer_config(recipe: Recipe, where: str, overrides: dict[str, Any]) -> An
         )
     out = fields.get("out", _dataclass_defaults(config_cls).get("out"))
     try:
-        return config_cls(**fields, team=f"{out}/team.yaml", traces=recipe.store.traces)
+        config = config_cls(**fields, team=f"{out}/team.yaml", traces=recipe.store.traces)
+        if recipe.trainer.algo == "magrpo":  # its agents follow the topology, as in training (code_pair: helper, main)
+            from .magrpo_joint import for_team
+
+            config = for_team(config, recipe.team)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: trainer.config: {e}") from None
+    return config
 
 
 def _check_layout(recipe: Recipe, config: Any, where: str) -> None:

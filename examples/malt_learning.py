@@ -150,6 +150,10 @@ def main() -> None:
     parser.add_argument("--sft-lr", type=float, default=2e-4)
     parser.add_argument("--dpo-lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=4, help="rows (SFT) or pairs (DPO) per optimizer step")
+    parser.add_argument(
+        "--micro-batch", type=int, default=None,
+        help="rows or pairs per forward (gradient accumulation up to --batch-size): less memory, same updates",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=16, help="episodes in flight")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -179,6 +183,7 @@ def main() -> None:
         sft_lr=args.sft_lr,
         dpo_lr=args.dpo_lr,
         batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch,
         concurrency=args.concurrency,
         out=str(out),
         seed=args.seed,

@@ -144,6 +144,33 @@ def test_config_is_validated():
         MALTConfig(propagate="max")
 
 
+def test_micro_batches_give_the_same_dpo_gradient_with_less_memory(tmp_path):
+    """`micro_batch_size` accumulates gradients up to `batch_size`: the first optimizer step sees the same loss
+    and gradient as with whole batches (what a run that ran out of memory resumes with). Later steps are not
+    compared: Adam turns float noise in near-zero gradients into full-size steps."""
+    from mlpo_agents import zoo
+    from mlpo_agents.trainers.common import lora_copy
+    from mlpo_agents.trainers.trl_glue import dpo_rows, fit
+
+    with pytest.raises(ValueError, match="micro_batch_size=3 must be >= 1 and divide batch_size=4"):
+        MALTConfig(batch_size=4, micro_batch_size=3)
+    tokenizer = zoo.resolve("tiny-test")[1]
+    pairs = [([5, 6, 7 + i], [10 + i, 11, 12], [20, 21 + i]) for i in range(8)]
+    first: dict[int | None, dict[str, float]] = {}
+    for micro in (None, 2, 1):
+        logs: list[dict[str, float]] = []
+        model = lora_copy("tiny-test", MALTConfig(batch_size=4, micro_batch_size=micro), seed=0)
+        fit("dpo", model, tokenizer, dpo_rows(pairs), tmp_path / f"dpo-{micro}", lr=1e-2, seed=0, epochs=1.0,
+            batch_size=4, micro_batch_size=micro, beta=0.2, on_log=logs.append)  # fmt: skip
+        steps = [row for row in logs if "grad_norm" in row]
+        assert [row["optimizer_step"] for row in steps] == [1, 2]  # 8 pairs, 4 per optimizer step
+        first[micro] = steps[0]
+    assert first[None]["grad_norm"] > 0
+    for micro in (2, 1):
+        assert first[micro]["loss"] == pytest.approx(first[None]["loss"], rel=1e-4)
+        assert first[micro]["grad_norm"] == pytest.approx(first[None]["grad_norm"], rel=1e-4)
+
+
 def test_mlpo_train_flags_map_onto_malt_config(tmp_path):
     from mlpo_agents.trainers.loop import add_subcommand, config_from_args
 

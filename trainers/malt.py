@@ -126,6 +126,10 @@ class MALTConfig(RunConfig):
     """Sampling temperature of every role while expanding the trees (paper: 0.3; None: the team's own)."""
     batch_size: int = 4
     """Rows (SFT) or pairs (DPO) per optimizer step."""
+    micro_batch_size: int | None = None
+    """Rows or pairs per forward/backward (gradient accumulation up to `batch_size`, which it must divide): the
+    same updates with less memory (a DPO forward of a 150k-token vocabulary holds rows x tokens x vocab
+    logits); None = `batch_size`."""
     max_len: int = 1024
     """Examples longer than this (prompt + completion tokens) are left out."""
     eval_chains: int = 3
@@ -165,6 +169,10 @@ class MALTConfig(RunConfig):
             problems.append("batch_size, concurrency and eval_chains must be >= 1; max_len >= 2")
         if self.eval_questions < 0 or self.save_every < 0:
             problems.append("eval_questions and save_every must be >= 0")
+        if self.micro_batch_size is not None and (
+            self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size
+        ):
+            problems.append(f"micro_batch_size={self.micro_batch_size} must be >= 1 and divide batch_size={self.batch_size}")
         if problems:
             raise ValueError("invalid MALTConfig: " + "; ".join(problems))
 
@@ -205,6 +213,7 @@ def phase_options(config: MALTConfig, logger: TrainLogger, prefix: str, step: in
     return dict(
         seed=config.seed,
         batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
         save_every=config.save_every,
         resume=config.resume,
         on_log=lambda row: logger.log(step, {f"{prefix}/{k}": v for k, v in row.items()}),

@@ -43,6 +43,7 @@ def fit(
     lr: float,
     seed: int,
     batch_size: int,
+    micro_batch_size: int | None = None,
     epochs: float = 1.0,
     max_steps: int = -1,
     beta: float = 0.1,
@@ -52,7 +53,8 @@ def fit(
 ) -> Any:
     """Train `model` in place with TRL's `kind` ("sft" or "dpo") trainer on `rows`; returns TRL's TrainOutput.
 
-    `max_steps` > 0 overrides `epochs`; `save_every` > 0 writes TRL checkpoints to `folder` every N optimizer
+    `batch_size` rows make an optimizer step, `micro_batch_size` of them per forward (gradient accumulation;
+    None = all). `max_steps` > 0 overrides `epochs`; `save_every` > 0 writes TRL checkpoints to `folder` every N optimizer
     steps, and `resume` continues from the newest of them. `on_log` receives TRL's numeric log rows (with
     `optimizer_step`). DPO's reference policy is the adapter as it is before the call.
     """
@@ -67,7 +69,8 @@ def fit(
         max_steps=max_steps,
         learning_rate=lr,
         seed=seed,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=micro_batch_size or batch_size,
+        gradient_accumulation_steps=batch_size // (micro_batch_size or batch_size),
         logging_steps=1,
         report_to=[],
         use_cpu=True,

@@ -53,9 +53,8 @@ def drop_usage_callbacks(litellm: Any, router: Any) -> None:
     """Take `router`'s usage callbacks out of litellm's global success-callback lists (team setting
     `router_usage_tracking: false`). Each Router registers them there when built; they count tpm/rpm and
     successes per minute after every call, in a task and (the sync one) in a worker thread."""
-    for name in ("_async_success_callback", "success_callback"):
-        callbacks = getattr(litellm, name)
-        callbacks[:] = [cb for cb in callbacks if getattr(cb, "__self__", None) is not router]
+    for callbacks in (litellm._async_success_callback, litellm.success_callback):
+        litellm.logging_callback_manager.remove_callback_from_list_by_object(callbacks, router)
 
 
 def _langgraph_context() -> tuple[str | None, str | None]:

@@ -116,9 +116,6 @@ class TraceStore:
     def _write(self, statements: list[tuple[str, list[Any]]]) -> None:
         """Run insert statements in one transaction."""
         with self._lock:
-            if len(statements) == 1:  # autocommit: a lone statement is its own transaction (2 round trips fewer)
-                self._db.execute(*statements[0])
-                return
             self._db.execute("BEGIN")
             try:
                 for sql, row in statements:

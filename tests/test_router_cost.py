@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import asdict
 
 import pytest
 
@@ -102,17 +101,6 @@ def test_the_lean_router_records_the_same_bytes(tmp_path):
     for rec in (default, lean):  # parallel peers answer in either order
         rec["calls"].sort(key=lambda r: (r["round"], r["agent"], r["sample_index"]))
     assert len(default["calls"]) == 6 and default == lean  # token ids, logprobs, messages, rewards: same bytes
-
-
-def test_a_lone_event_and_a_batch_are_written_alike(tmp_path):
-    from tests.test_trace import make_call
-
-    store = TraceStore(tmp_path / "t.sqlite")
-    store.append(make_call("e1", 0))  # one statement: autocommit
-    store.append([make_call("e1", 1), make_call("e1", 2)])  # a transaction
-    assert [asdict(c) for c in store.calls()][1:] == [asdict(make_call("e1", i)) | {"created_at": c.created_at}
-                                                      for i, c in zip((1, 2), store.calls()[1:], strict=True)]
-    assert [c.call_id for c in store.calls()] == ["c0", "c1", "c2"]
 
 
 def test_async_round_loop_takes_a_sync_or_async_next_step():

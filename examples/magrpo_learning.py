@@ -29,6 +29,7 @@ raised the team 0.025 -> 0.155 while the solver alone fell 0.175 -> 0.020.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,14 @@ def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) ->
     return {
         "command": command_line("examples/magrpo_learning.py", vars(args)),
         "seed": args.seed,
+        "team": args.team or "cooperate",
         "steps": result.steps,
         "wall_minutes": round(wall_s / 60, 1),
         "train_minutes_budget": args.minutes,
-        "rows": paired_rows(result.evaluation["before"], result.evaluation["after"]),
+        "rows": {  # "solver" is the answering agent: `main` in a code_pair team
+            name.replace("solver", config.answer_role): row
+            for name, row in paired_rows(result.evaluation["before"], result.evaluation["after"]).items()
+        },
         "train_reward_per_step": [round(row["reward/mean"], 4) for row in history],
         "config": dict(vars(config)),
         "adapters": {role: str(path) for role, path in result.adapters.items()},
@@ -79,7 +84,8 @@ def markdown(results: dict[str, Any]) -> str:
     from mlpo_agents.report import paired_markdown
 
     title = (
-        f"MAGRPO, cooperate team (drafter + solver), {results['steps']} steps, {results['wall_minutes']} min in all, "
+        f"MAGRPO, {results['team']} team ({' + '.join(results['config']['agents'])}) on {results['config']['task']}, "
+        f"{results['steps']} steps, {results['wall_minutes']} min in all, "
         f"seed {results['seed']}"
     )
     return paired_markdown(title, results["rows"], label="who")
@@ -90,7 +96,17 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget (evaluation excluded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/magrpo_learning")
-    parser.add_argument("--model", default="smollm2-135m", help="zoo spec of both agents")
+    parser.add_argument("--model", default="smollm2-135m", help="zoo spec of both agents of the built-in team")
+    parser.add_argument(
+        "--team", default=None,
+        help="team YAML or built-in name instead of the built-in cooperate team (e.g. qwen_code_pair with --task code: "
+        "the paper's code setting); its own sampling settings apply, --model/--temperature/--top-p/--max-tokens do not",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"),
+        help="the in-process engine's dtype for rollouts and evaluations (training stays fp32; MAGRPO is on-policy "
+        "and reads no rollout logprobs)",
+    )
     parser.add_argument("--task", default="word_problems")
     parser.add_argument("--eval-questions", type=int, default=200)
     parser.add_argument("--group-size", type=int, default=8, help="G: joint actions per question")
@@ -113,10 +129,12 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     args = parser.parse_args()
 
+    os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     from mlpo_agents.trainers.magrpo import MAGRPOConfig, train
 
     out = Path(args.out)
     config = MAGRPOConfig(
+        team=args.team,
         model=args.model,
         task=args.task,
         out=str(out),
@@ -140,6 +158,11 @@ def main() -> None:
         max_minutes=args.minutes,
         concurrency=16,
     )
+    if args.team:  # the team's own agents (helper + main for code_pair), as training applies them
+        from mlpo_agents.config import load_team
+        from mlpo_agents.trainers.magrpo import for_team
+
+        config = for_team(config, load_team(args.team))
     from mlpo_agents.report import write_learning_results
 
     start = time.perf_counter()

@@ -123,6 +123,44 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(aggregation):
     assert any((v != 0).any() for k, v in full.items() if "lora_B" in k), "the step changed the adapter"
 
 
+@pytest.mark.parametrize("loss", ["grpo", "magrpo"])
+def test_rows_with_zero_advantage_are_not_forwarded_and_the_step_is_unchanged(loss):
+    """A group whose samples all scored the same has advantage 0: no forward for it, the same update."""
+    from mlpo_agents.trainers.update import LOSSES
+
+    def as_custom(logp, mb, ref_logp=None, **kw):  # a callable loss is never skipped: the reference path
+        return LOSSES[loss](logp, mb, ref_logp=ref_logp, **kw)
+
+    batch = synthetic_batch()
+    batch.advantages[:4] = 0.0  # two of three groups of 2 scored alike
+    results = []
+    for fn in (loss, as_custom):
+        model, optimizer = small_lora()
+        seen: list[int] = []
+        model.register_forward_pre_hook(lambda _m, _a, kw, seen=seen: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        metrics = policy_update(model, optimizer, batch, loss=fn, micro_batch_size=2, aggregation="token")
+        results.append((lora_state(model), metrics, sum(seen)))
+    (skipped, m_skipped, rows_skipped), (full, m_full, rows_full) = results
+    assert rows_skipped == 2 and rows_full == 6
+    for key in full:
+        torch.testing.assert_close(skipped[key], full[key], rtol=1e-5, atol=1e-7)
+    assert m_skipped["loss"] == pytest.approx(m_full["loss"], rel=1e-5, abs=1e-7)
+    assert m_skipped["trained_tokens"] == 2 * 7
+
+
+def test_a_batch_with_no_advantage_steps_on_zero_gradients_without_a_forward():
+    batch = synthetic_batch()
+    batch.advantages[:] = 0.0
+    model, optimizer = small_lora()
+    policy_update(model, optimizer, synthetic_batch(), micro_batch_size=3, aggregation="token")  # Adam moments
+    before = lora_state(model)
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(1))
+    metrics = policy_update(model, optimizer, batch, micro_batch_size=3, aggregation="token")
+    assert not seen and metrics["grad_norm"] == 0.0 and metrics["trained_tokens"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in lora_state(model).items()), "Adam's momentum still moves"
+
+
 def test_magrpo_and_callable_losses():
     model, optimizer = small_lora()
     metrics = policy_update(model, optimizer, synthetic_batch(), loss="magrpo", micro_batch_size=2)

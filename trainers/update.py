@@ -48,11 +48,14 @@ LOSSES: dict[str, LossFn] = {"grpo": _grpo, "magrpo": _magrpo}
 OldLogprobs = Literal["batch", "current"]
 
 
-def _micro_batches(rows: int, micro_batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches; every rank gets the same count (an empty one is `[]`) so DDP syncs line up."""
-    mine = list(range(rank, rows, world))
-    per_rank = math.ceil(rows / world)
-    count = max(1, math.ceil(per_rank / micro_batch_size))
+def _micro_batches(
+    rows: int, micro_batch_size: int, rank: int, world: int, keep: list[bool] | None = None
+) -> list[list[int]]:
+    """This rank's micro-batches of the rows it keeps; every rank gets the same count (an empty one is `[]`)
+    so DDP syncs line up."""
+    kept = [[r for r in range(k, rows, world) if keep is None or keep[r]] for k in range(world)]
+    mine = kept[rank]
+    count = max(1, math.ceil(max(len(k) for k in kept) / micro_batch_size))
     chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     return chunks + [[] for _ in range(count - len(chunks))]
 
@@ -164,6 +167,11 @@ def policy_update(
     module docstring. `share_prefix`: rows' common prompt tokens run once per micro-batch (see
     `sequence_logprobs`); micro-batches follow row order, so a group's rows share a micro-batch when
     `micro_batch_size` divides G.
+
+    Rows whose advantage is 0 add exactly nothing to the loss or its gradient of the built-in losses when
+    there is no KL term, so they get no forward or backward (a group whose samples all scored the same is
+    skipped whole); their rows and tokens still count in the normaliser, so the gradient is the whole
+    batch's. When no row is left the step still runs, on zero gradients (Adam's moments move as before).
     """
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     if micro_batch_size < 1:
@@ -198,7 +206,14 @@ def policy_update(
     optimizer.zero_grad(set_to_none=True)
     start, trained_tokens, loss_sum = time.perf_counter(), 0, 0.0
     sums: dict[str, float] = {}
-    chunks = _micro_batches(len(batch), micro_batch_size, rank, world)
+    skip_zero = loss_fn in (_grpo, _magrpo) and not use_ref
+    keep = (batch.advantages != 0).tolist() if skip_zero else None
+    chunks = _micro_batches(len(batch), micro_batch_size, rank, world, keep)
+    if keep is not None and not any(keep):  # nothing to train on: the optimizer steps on zero gradients
+        chunks = []
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
     for i, rows in enumerate(chunks):
         empty = not rows  # a rank with fewer rows still runs a forward/backward so DDP's all-reduce lines up
         mb = batch.select(rows or [0]).to(device)

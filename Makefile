@@ -57,9 +57,11 @@ test-fast: setup
 test: setup setup-vllm setup-postgres setup-browser setup-qwen lint
 	$(VENV)/bin/pytest -q
 
-# Every side-by-side comparison, one table of ratios with the load average beside each row (runs/bench.md).
-bench: setup
-	$(PY) benchmarks/run_all.py $(if $(ONLY),--only $(ONLY)) $(if $(MODELS),--models $(MODELS))
+# Every side-by-side comparison, one table of ratios with the load average beside each row (runs/bench.md),
+# for both packaged models (MODELS=smollm2-135m for the fast half; ONLY=engine,vllm for a subset).
+MODELS ?= smollm2-135m,qwen2.5-coder-0.5b
+bench: setup setup-vllm setup-qwen
+	$(PY) benchmarks/run_all.py $(if $(ONLY),--only $(ONLY)) --models $(MODELS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm runs build *.egg-info

@@ -1,8 +1,9 @@
 """Update throughput: trained tokens/s of our GRPO step (`trainers.update.policy_update`) vs TRL's GRPOTrainer.
 
 Both sides train the same LoRA (same `LoraSettings`, same init seed, `attach_lora` on the same base) with
-AdamW, gradient clipping at 1.0, no KL (beta = 0), token-level (DAPO) aggregation, fp32, no gradient
-checkpointing, on the same batch: B sequences split into micro-batches of M, one optimizer step per batch.
+AdamW, gradient clipping at 1.0, no KL (beta = 0), token-level (DAPO) aggregation, fp32 (ours: see
+`--train-dtype`), no gradient checkpointing, on the same batch: B sequences split into micro-batches of M,
+one optimizer step per batch.
 
 TRL side: `GRPOTrainer.train()` for warm-up + timed steps with a trivial reward function. A callback times
 each optimizer step (`on_step_begin` → `on_step_end`) and a wrapper around `_generate_and_score_completions`
@@ -19,9 +20,14 @@ right after the TRL run in the same process (the machine may be shared: run it t
     python benchmarks/bench_update.py                       # SmolLM2-135M, B=8 (G=4), 64 + 64 tokens
     python benchmarks/bench_update.py --model tiny-test     # seconds, for a smoke run
     python benchmarks/bench_update.py --prompt-tokens 512   # MLPO's shape: G samples share a long leader prompt
+    python benchmarks/bench_update.py --train-dtype bfloat16  # ours on a bf16 base, LoRA in fp32 (TRL stays fp32)
 
 A third row times `policy_update(share_prefix=False)` (each row's prompt forwarded on its own) on the
 same batch, so the shared-prefix gain is measured side by side.
+
+`--train-dtype bfloat16` loads our side's base in bfloat16 (the trainers' `train_dtype`: LoRA weights and
+AdamW state stay fp32); the TRL side is unchanged (fp32), and the batch's old logprobs come from our model.
+The dtype is printed and written to the JSON, so runs with either dtype can be compared.
 """
 
 from __future__ import annotations
@@ -45,10 +51,10 @@ from mlpo_agents.trainers.update import policy_update
 LR = 1e-5
 
 
-def lora_model(spec: str, settings: LoraSettings, seed: int) -> Any:
-    """A fresh LoRA copy of the base with a fixed init."""
+def lora_model(spec: str, settings: LoraSettings, seed: int, dtype: str = "float32") -> Any:
+    """A fresh LoRA copy of the base (its weights in `dtype`, the LoRA in fp32) with a fixed init."""
     torch.manual_seed(seed)
-    return attach_lora(spec, settings)
+    return attach_lora(spec, settings, dtype=dtype)
 
 
 def prompts(count: int, tokens: int, tokenizer: Any) -> list[str]:
@@ -230,6 +236,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per side")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="our side's base weights (LoRA and AdamW state stay float32); the TRL side is float32",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rates here")
     args = parser.parse_args()
     if args.sequences % args.group_size or args.sequences % args.micro_batch:
@@ -240,17 +252,17 @@ def main() -> None:
     print(
         f"model={args.model} B={args.sequences} G={args.group_size} M={args.micro_batch} "
         f"prompt~{args.prompt_tokens} completion={args.completion_tokens} steps={args.steps} "
-        f"warmup={args.warmup} threads={torch.get_num_threads()}"
+        f"warmup={args.warmup} threads={torch.get_num_threads()} train_dtype={args.train_dtype} (ours; TRL float32)"
     )
 
     trl = run_trl(args, settings)
-    ours_model = lora_model(args.model, settings, args.seed)
+    ours_model = lora_model(args.model, settings, args.seed, args.train_dtype)
     optimizer = torch.optim.AdamW([p for p in ours_model.parameters() if p.requires_grad], lr=LR)
     batch = to_trajectory_batch(
         trl["batches"][0], copy.deepcopy(ours_model).eval(), args.group_size, tokenizer.pad_token_id or 0
     )
     ours = run_ours(ours_model, optimizer, batch, args.warmup + args.steps, args.micro_batch)
-    plain_model = lora_model(args.model, settings, args.seed)
+    plain_model = lora_model(args.model, settings, args.seed, args.train_dtype)
     plain_optimizer = torch.optim.AdamW([p for p in plain_model.parameters() if p.requires_grad], lr=LR)
     plain = run_ours(plain_model, plain_optimizer, batch, args.warmup + args.steps, args.micro_batch, False)
 
@@ -271,14 +283,23 @@ def main() -> None:
     )
     print(
         f"policy_update   : {ours_rate:8.1f} trained tok/s  (update {sum(ours_s) / len(ours_s):.2f} s/step over "
-        f"{len(ours_s)} steps)"
+        f"{len(ours_s)} steps; base {args.train_dtype})"
     )
     plain_rate = rate(plain["update_s"][args.warmup :], plain["tokens"][args.warmup :])
     print(f"  share_prefix=False: {plain_rate:8.1f} trained tok/s (each row's prompt forwarded on its own)")
     print(f"ratio ours / TRL: {ours_rate / trl_rate:.2f}x  (share_prefix=False: {plain_rate / trl_rate:.2f}x)")
     if args.json:
         args.json.write_text(
-            json.dumps({"trl_tok_s": trl_rate, "ours_tok_s": ours_rate, "ours_no_share_prefix_tok_s": plain_rate})
+            json.dumps(
+                {
+                    "trl_tok_s": trl_rate,
+                    "ours_tok_s": ours_rate,
+                    "ours_no_share_prefix_tok_s": plain_rate,
+                    "train_dtype": args.train_dtype,
+                    "trl_dtype": "float32",
+                    "model": args.model,
+                }
+            )
         )
 
 

@@ -103,10 +103,25 @@ class PolicyGradientConfig(RunConfig):
     max_minutes: float | None = None
     """Stop training after this much time in steps, in minutes (checked after each step; evaluation and the SFT
     warm-up are left out of it)."""
+    train_dtype: str = "float32"
+    """The dtype of the trained copy's base weights in updates: float32 or bfloat16 (opt-in). With bfloat16 the
+    LoRA weights, their gradients and the AdamW state stay float32 (peft upcasts the adapter and casts its
+    input to float32), the base weights take half the memory, and log-probs are computed from bf16 logits cast
+    to float32 one row at a time (`trainers.losses.token_logprobs`); gradients match float32's within the
+    tolerance tests/test_update_bf16.py pins."""
 
 
 FORMAT_REWARDS = ("format", "answered", "lenient")
 """The values `PolicyGradientConfig.format_reward` may take."""
+TRAIN_DTYPES = ("float32", "bfloat16")
+"""The values `PolicyGradientConfig.train_dtype` may take."""
+
+
+def train_dtype_problems(config: PolicyGradientConfig) -> list[str]:
+    """The config's validation message for a `train_dtype` it does not take (empty when it is fine)."""
+    if config.train_dtype in TRAIN_DTYPES:
+        return []
+    return [f"train_dtype={config.train_dtype!r}: use one of {', '.join(TRAIN_DTYPES)}"]
 
 
 # ------------------------------------------------------------------------------------------- data and rollouts
@@ -181,13 +196,15 @@ def load_adapter_weights(model: Any, adapter: Path) -> None:
 
 
 def lora_copy(spec: str, config: RunConfig, seed: int) -> Any:
-    """A trainable LoRA copy of the zoo model `spec`, initialised from `seed`."""
+    """A trainable LoRA copy of the zoo model `spec`, initialised from `seed`; its base weights in the config's
+    `train_dtype` (float32 for configs without one, e.g. MALT's), the LoRA weights in float32."""
     import torch
 
     from .lora import LoraSettings, attach_lora
 
     torch.manual_seed(seed)  # LoRA init
-    return attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha))
+    dtype = getattr(config, "train_dtype", "float32")
+    return attach_lora(spec, LoraSettings(r=config.lora_r, alpha=config.lora_alpha), dtype=dtype)
 
 
 class TrainableLora:

@@ -90,6 +90,7 @@ from .common import (
     load_split,
     run_episodes_together,
     shaping_rubric,
+    train_dtype_problems,
 )
 from .magrpo_eval import evaluate
 from .magrpo_joint import (
@@ -186,6 +187,7 @@ class MAGRPOConfig(PolicyGradientConfig):
             problems.append("lr and max_tokens must be > 0; format_weight and temperature >= 0")
         if self.format_reward not in FORMAT_REWARDS:
             problems.append(f"format_reward={self.format_reward!r}: use one of {', '.join(FORMAT_REWARDS)}")
+        problems += train_dtype_problems(self)
         if not 0 < self.top_p <= 1 or self.max_grad_norm < 0:
             problems.append(f"top_p={self.top_p} must be in (0, 1] and max_grad_norm >= 0")
         if not 0 <= self.solo_fraction < 1:

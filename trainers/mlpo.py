@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlpo_agents.adapters import role_spec
 
-from .common import FORMAT_REWARDS, PolicyGradientConfig, TrainableLora, shaping_rubric
+from .common import FORMAT_REWARDS, PolicyGradientConfig, TrainableLora, shaping_rubric, train_dtype_problems
 from .mlpo_eval import evaluate_run
 from .mlpo_steps import OnlineSteps, offline_batch, offline_steps, warm_up
 from .run import Run, RunState, TrainResult, run_training
@@ -152,6 +152,7 @@ class MLPOConfig(PolicyGradientConfig):
             problems.append("reward_name='format': the format reward is added with format_weight")
         if self.format_reward not in FORMAT_REWARDS:
             problems.append(f"format_reward={self.format_reward!r}: use format, answered or lenient")
+        problems += train_dtype_problems(self)
         if self.easy_filter not in ("pool", "leader"):
             problems.append(f"easy_filter={self.easy_filter!r}: use pool (the paper) or leader")
         if self.easy_filter == "pool" and self.easy_threshold is not None and not self.peer_pool and not self.offline:

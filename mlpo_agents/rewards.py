@@ -326,7 +326,8 @@ def extract_code(text: str) -> str | None:
     body = blocks[-1] if blocks else None
     if body is None:
         fences = _FENCE.findall(text)
-        return fences[-1] if fences else None
+        body = fences[-1] if fences else ""
+        return body.strip("\n") + "\n" if body.strip() else None
     fenced = _FENCE.findall(body)
     code = fenced[-1] if fenced else body
     return code.strip("\n") + "\n" if code.strip() else None

@@ -106,8 +106,9 @@ def code_tests(task: Task, completion: Completion) -> RewardResult:
 
 
 def correctness_lenient(task: Task, completion: Completion) -> RewardResult | None:
-    """Correctness of the team's lenient answer (`state["answer_lenient"]`); None where the topology gives none."""
-    if "answer_lenient" not in completion.state:
+    """Correctness of the team's lenient answer (`state["answer_lenient"]`); None where the topology gives none,
+    and for code (a program has no lenient reading: it passes the tests or not)."""
+    if "answer_lenient" not in completion.state or task.kind == "code":
         return None
     return score_answer(task, completion.state["answer_lenient"])
 

@@ -88,7 +88,10 @@ def test_the_report_pairs_before_and_after_per_question(run):
         assert row["gained"] == sum(1 for k in b if b[k] == 0 and a[k] == 1)
         assert row["lost"] == sum(1 for k in b if b[k] == 1 and a[k] == 0)
         assert row["before_lenient"] == before[f"{was}_lenient_accuracy"]
-    table = markdown({"steps": result.steps, "wall_minutes": 0.1, "seed": 0, "rows": rows})
+    config = {"agents": ["drafter", "solver"], "task": "word_problems"}
+    table = markdown({"steps": result.steps, "wall_minutes": 0.1, "seed": 0, "rows": rows, "team": "cooperate",
+                      "config": config})
+    assert table.startswith("MAGRPO, cooperate team (drafter + solver) on word_problems,")
     assert "| team | 8 |" in table and "| solver alone | 8 |" in table and "lenient" in table
 
 

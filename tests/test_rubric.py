@@ -180,7 +180,8 @@ def test_cooperate_grades_with_the_rubric_and_the_runner_reuses_those_grades(sto
 
 
 def legacy_score_episode(task, state, episode_id, score_roles):
-    """The runner's `score_episode` before rubrics (verbatim), the reference for the default rubric."""
+    """The runner's `score_episode` before rubrics (verbatim but for one change: code records no
+    `correct_lenient`, a program having no lenient reading), the reference for the default rubric."""
 
     def score_answer(task, answer):
         if answer is None:
@@ -188,7 +189,7 @@ def legacy_score_episode(task, state, episode_id, score_roles):
         return score_detail(task, f"<answer>{answer}</answer>")
 
     events = [reward_event(episode_id, "correct", score_answer(task, state.get("answer")))]
-    if "answer_lenient" in state:
+    if "answer_lenient" in state and task.kind != "code":
         events.append(reward_event(episode_id, "correct_lenient", score_answer(task, state["answer_lenient"])))
     for turn in state.get("turns", []):
         if turn["role"] in score_roles:
@@ -216,7 +217,7 @@ def outputs_for(task: Task) -> list[tuple[str, bool]]:
         return [
             (f"<answer>{good}</answer>", False),
             (f"<answer>\n```python\n{good}```\n</answer>", False),
-            (f"Here:\n```python\n{good}```", False),  # no team answer, a program for the call
+            (f"Here:\n```python\n{good}```", False),  # a program for the call (team answer: see below)
             ("<answer> def halve(x): return x / 2</answer>", False),  # indented: the call's program fails
             ("<answer>def halve(x):\n    return x / 3\n</answer>", False),
             ("<answer>def halve(x:\n</answer>", False),
@@ -264,8 +265,23 @@ def test_a_program_is_run_once_when_the_team_answer_is_the_leaders():
     rubric = Rubric.for_task(CODE).replace("correct", counting)
     code = "<answer>def halve(x):\n    return x / 2\n</answer>"
     assert team_completion(CODE, leader_state(code), ("leader",)).text == code
-    assert len(score_episode(CODE, leader_state(code), "e", ("leader",), rubric)) == 5 and runs == [code]
+    assert len(score_episode(CODE, leader_state(code), "e", ("leader",), rubric)) == 4 and runs == [code]
     runs.clear()  # a leading space: the team's program differs from the call's, so both are run
     spaced = "<answer> def halve(x): return x / 2</answer>"
     events = score_episode(CODE, leader_state(spaced), "e", ("leader",), rubric)
     assert len(runs) == 2 and [e.value for e in events if e.name == "correct"] == [1.0, 0.0]
+
+
+def test_on_a_code_task_a_fenced_program_is_the_team_answer_and_scores_as_its_call(store):
+    """The leader's program in a Markdown fence (no <answer> block) is what its call's reward runs; the team's
+    answer is that same program, so the episode is not scored "no answer" while its call passes."""
+    reply = "Here it is:\n```python\ndef halve(x):\n    return x / 2\n```\nIt divides by two."
+    program = "def halve(x):\n    return x / 2\n"
+    fenced = make_turn(SimpleNamespace(text=reply, finish_reason="stop", call_id="c", group_id="g", sample_index=0),
+                       "leader", "leader", 0, code=True)
+    assert fenced["answer"] == fenced["answer_lenient"] == program
+    (result,) = run(solo(reply, "fenced"), [CODE], store).results
+    assert result.answer == program and result.reward == 1.0
+    rewards = {(r.name, r.call_id is None): r.value for r in store.rewards()}
+    assert rewards[("correct", True)] == rewards[("correct", False)] == 1.0
+    assert ("correct_lenient", True) not in rewards

@@ -40,7 +40,7 @@ from langgraph.runtime import Runtime
 
 from mlpo_agents.config import ConfigError
 from mlpo_agents.models import ModelCallError
-from mlpo_agents.rewards import extract_answer, extract_code
+from mlpo_agents.rewards import extract_code
 
 from .nodes import agent_node, fan_out_each, find_turn, join, make_turn, require, turns_of, user
 from .state import FailedTurn, TeamContext, TeamGraph, TeamState, Turn
@@ -110,7 +110,7 @@ def joint_turn(helper: Turn, main: Turn) -> Turn:
         turn["answer"] = turn["answer_lenient"] = None
         return turn
     turn["text"] = f"<answer>\n{program}</answer>"
-    turn["answer"] = turn["answer_lenient"] = extract_answer(turn["text"])
+    turn["answer"] = turn["answer_lenient"] = extract_code(turn["text"])  # the reader make_turn(code=True) uses
     turn["truncated"] = bool(helper.get("truncated")) or bool(main.get("truncated"))
     return turn
 

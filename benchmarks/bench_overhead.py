@@ -117,9 +117,10 @@ async def main(calls: int, json_path: Path | None = None) -> None:
         )
         results["graph"] = [t / 4 for t in results["graph"]]  # 4 model calls per episode
     med = {name: statistics.median(times) * 1e3 for name, times in results.items()}
-    print(f"{'path':<12} {'median ms/call':>15} {'over bare ms':>13}   ({calls} rounds, interleaved)")
+    mean = {name: statistics.fmean(times) * 1e3 for name, times in results.items()}  # shows rare stalls too
+    print(f"{'path':<12} {'median ms/call':>15} {'over bare ms':>13} {'mean ms/call':>13}   ({calls} rounds, interleaved)")
     for name, value in med.items():
-        print(f"{name:<12} {value:>15.3f} {value - med['bare']:>13.3f}")
+        print(f"{name:<12} {value:>15.3f} {value - med['bare']:>13.3f} {mean[name]:>13.3f}")
     split = {
         "router over bare (project defaults)": med["router"] - med["bare"],
         "router-lean over bare": med["router-lean"] - med["bare"],
@@ -132,6 +133,7 @@ async def main(calls: int, json_path: Path | None = None) -> None:
         print(f"{label:<38} {value:>7.3f} ms/call")
     if json_path:
         json_path.write_text(json.dumps({**{f"{k}_median_ms": v for k, v in med.items()},
+                                         **{f"{k}_mean_ms": v for k, v in mean.items()},
                                          **{k: v for k, v in split.items()}}, indent=1))
 
 

@@ -94,7 +94,11 @@ def parse_choice_tokens(response: Any, choice: Any) -> tuple[list[int], list[int
         raise TokenDataError(
             f"response has no {', '.join(missing)}: serve with vLLM >= 0.10 (return_token_ids) or the local/ engine"
         )
-    logprobs = [float(_field(c, "logprob")) for c in content]
+    # `_field` inlined (this runs per token); a missing logprob still fails in float(None), as before.
+    logprobs = [
+        float(c.get("logprob") if isinstance(c, dict) else getattr(c, "logprob", None))  # type: ignore[arg-type]
+        for c in content
+    ]
     if len(logprobs) != len(completion_ids):
         raise TokenDataError(
             f"{len(logprobs)} logprobs for {len(completion_ids)} completion tokens: refusing to record a misaligned trace"

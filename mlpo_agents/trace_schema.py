@@ -2,9 +2,9 @@
 
 `Episode`, `ModelCall`, `Reward` and `Failure` are the events; `TABLES` maps each to its table (one column
 per dataclass field); `encode_column` and `decode_column` turn field values into column values and back
-(token ids and logprobs as packed arrays, nested values as JSON). No storage here: the SQLite store is in
-`mlpo_agents.trace_sqlite`, the Postgres one in `mlpo_agents.trace_pg`, and `mlpo_agents.trace` is where
-users import all of it from.
+(token ids and logprobs as packed arrays, nested values as JSON), `encode_row` a whole event into its row.
+No storage here: the SQLite store is in `mlpo_agents.trace_sqlite`, the Postgres one in
+`mlpo_agents.trace_pg`, and `mlpo_agents.trace` is where users import all of it from.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import json
 import time
 import uuid
 from array import array
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 EpisodeStatus = Literal["running", "done", "degraded", "failed", "interrupted"]
@@ -113,16 +114,40 @@ TABLES: dict[type, str] = {Episode: "episodes", ModelCall: "calls", Reward: "rew
 """Event type -> table; each table has one column per dataclass field (the schema both stores share)."""
 
 
-def encode_column(name: str, value: Any) -> Any:
-    """A field value as its column holds it (both stores write these)."""
+def _pack_ints(value: Any) -> bytes:
+    return array("i", value).tobytes()
+
+
+def _pack_floats(value: Any) -> bytes:
+    return array("f", value).tobytes()
+
+
+def _column_encoder(name: str) -> Callable[[Any], Any] | None:
+    """How a field's value becomes its column's (None: stored as it is)."""
     # Token ids as int32 and logprobs as float32 blobs: 4 bytes a token, no JSON parse on read.
     if name in INT_ARRAYS:
-        return array("i", value).tobytes()
+        return _pack_ints
     if name in FLOAT_ARRAYS:
-        return array("f", value).tobytes()
+        return _pack_floats
     if name in JSON_FIELDS:
-        return json.dumps(value)
-    return value
+        return json.dumps
+    return None
+
+
+_ROW_ENCODERS = {cls: tuple((f.name, _column_encoder(f.name)) for f in fields(cls)) for cls in TABLES}
+"""Event type -> (field name, encoder) per column in table order, worked out once: a row is written per call."""
+
+
+def encode_column(name: str, value: Any) -> Any:
+    """A field value as its column holds it (both stores write these)."""
+    encode = _column_encoder(name)
+    return value if encode is None else encode(value)
+
+
+def encode_row(event: Event) -> list[Any]:
+    """An event's column values in its table's column order (`encode_column` of every field)."""
+    values = vars(event)
+    return [values[name] if encode is None else encode(values[name]) for name, encode in _ROW_ENCODERS[type(event)]]
 
 
 def decode_column(name: str, value: Any) -> Any:

@@ -26,7 +26,7 @@ from mlpo_agents.trace_schema import (
     ModelCall,
     Reward,
     decode_column,
-    encode_column,
+    encode_row,
 )
 
 _SCHEMA = """
@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS failures (
 """
 
 
+WAL_PAGES_PER_CHECKPOINT = 4000
+"""Write-ahead log pages (4 KB each) between automatic folds into the store file (SQLite's default: 1000);
+`checkpoint` (after every run, on close) still folds all of it."""
+
+
 class TraceStore:
     """Append-only event log in one SQLite file (WAL, one transaction per `append` batch).
 
@@ -61,7 +66,6 @@ class TraceStore:
 
     placeholder = "?"
     order_column = "rowid"
-    _columns = {cls: tuple(f.name for f in fields(cls)) for cls in TABLES}
 
     def __init__(self, path: str | Path = "runs/traces.sqlite"):
         self.path = Path(path)
@@ -85,6 +89,10 @@ class TraceStore:
                 check_sqlite(db, self.path, self.where, TABLES)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # Fewer, larger folds of the log into the file: each one syncs to disk inside the call that
+            # triggers it, and at SQLite's default these stalls were 10-15% of the mean time our code adds to
+            # an episode (scripted models). Durability is unchanged: a committed row is in the log.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES_PER_CHECKPOINT}")
             db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as e:
             db.close()
@@ -116,6 +124,9 @@ class TraceStore:
     def _write(self, statements: list[tuple[str, list[Any]]]) -> None:
         """Run insert statements in one transaction."""
         with self._lock:
+            if len(statements) == 1:  # one statement is its own transaction (autocommit): as atomic, as durable
+                self._db.execute(*statements[0])
+                return
             self._db.execute("BEGIN")
             try:
                 for sql, row in statements:
@@ -138,10 +149,7 @@ class TraceStore:
     def append(self, events: Sequence[Event] | Event) -> None:
         """Write a batch of events in one transaction. Episodes are upserted (status changes)."""
         batch = [events] if not isinstance(events, Sequence) else events
-        self._write([
-            (self._insert_sql[type(ev)], [encode_column(name, getattr(ev, name)) for name in self._columns[type(ev)]])
-            for ev in batch
-        ])
+        self._write([(self._insert_sql[type(ev)], encode_row(ev)) for ev in batch])
 
     # ---- reading -------------------------------------------------------------------------------
     def _select(self, cls: type, where: str = "", args: Sequence[Any] = ()) -> list[Any]:

@@ -89,6 +89,15 @@ def test_a_failing_batch_writes_nothing(open_fresh):
     assert [c.call_id for c in store.calls()] == ["c0"]
 
 
+def test_a_failing_single_event_writes_nothing_and_the_store_goes_on(open_fresh):
+    store = open_fresh()
+    store.append(make_call("e1", 0))
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        store.append(make_call("e1", 0))  # one event is written on its own, without a batch around it
+    store.append(make_call("e1", 1))
+    assert [c.call_id for c in store.calls()] == ["c0", "c1"]
+
+
 def test_export_jsonl_and_parquet(open_fresh, tmp_path):
     store = open_fresh()
     store.append([Episode("e1", "arithmetic", "a/0", "tiny", "leader_peers"), make_call("e1", 0),

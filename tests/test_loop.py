@@ -254,3 +254,21 @@ def test_mlpo_help_lists_train(capsys):
         "--traces",
     ):
         assert flag in text
+
+
+def test_mlpo_train_reports_magrpo_agents_that_never_updated():
+    from mlpo_agents.trainers.loop import update_report
+
+    history = [
+        {"step": 0, "eval/team_accuracy": 0.1},
+        {"step": 1, "drafter/loss": 0.2, "solver/loss": 0.0, "solver/update_skipped": 1.0},
+        {"step": 2, "drafter/loss": 0.0, "drafter/update_skipped": 1.0, "solver/loss": 0.0, "solver/update_skipped": 1.0},
+    ]
+    updates, warning = update_report(history, 2, per_role=True)
+    assert updates == {"drafter": 1, "solver": 0}
+    assert warning is not None and warning.startswith("no update was made for solver:")
+    both = {"step": 2, "drafter/loss": 0.1, "solver/loss": 0.1}
+    assert str(update_report(history[:2] + [both], 2, per_role=True)[1]).startswith("1 of 2 steps made an update for solver;")
+    one = [{"step": 1, "loss": 0.3}, {"step": 2, "loss": 0.0, "update_skipped": 1.0}]
+    assert update_report(one, 2) == (1, "1 of 2 steps made an update; the others had equal rewards in every group "
+                                        "(no learning signal)")  # fmt: skip

@@ -350,26 +350,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = _trainer_module(args.algo).train(config)
     summary: dict[str, Any] = getattr(result, "summary", lambda: {"result": str(result)})()
-    history = getattr(result, "history", None) if args.algo == "mlpo" else None  # MLPO logs update_skipped
+    history = getattr(result, "history", None) if args.algo in ("mlpo", "magrpo") else None  # they log update_skipped
     if history is not None:
-        summary["updates"] = updates_made(history)
+        summary["updates"], warning = update_report(history, summary.get("steps", 0), per_role=args.algo == "magrpo")
+        if warning:
+            print(warning, file=sys.stderr)
     print(json.dumps(summary, indent=2, default=str))
-    if summary.get("updates") == 0:
-        print(
-            f"no update was made: every group had equal rewards in each of the {summary.get('steps')} step(s) "
-            "(no learning signal), so the adapter is the untrained initial one; record more varied groups "
-            "(a larger group size, a higher temperature, easier questions) and train again",
-            file=sys.stderr,
-        )
-    elif history is not None and summary.get("updates", 0) < summary.get("steps", 0):
-        print(f"{summary['updates']} of {summary['steps']} steps made an update; the others had equal rewards "
-              "in every group (no learning signal)", file=sys.stderr)
     return 0
 
 
-def updates_made(history: list[dict[str, Any]]) -> int:
-    """Optimizer updates a run actually made: logged training steps without `update_skipped`."""
-    return sum(1 for row in history if row.get("step", 0) >= 1 and "loss" in row and not row.get("update_skipped"))
+def updates_made(history: list[dict[str, Any]], role: str = "") -> int:
+    """Optimizer updates a run actually made (of trainee `role` when its metrics are named `<role>/...`):
+    logged training steps with a loss and without `update_skipped`."""
+    p = f"{role}/" if role else ""
+    return sum(1 for row in history if row.get("step", 0) >= 1 and f"{p}loss" in row and not row.get(f"{p}update_skipped"))
+
+
+def update_report(
+    history: list[dict[str, Any]], steps: int, *, per_role: bool = False
+) -> tuple[int | dict[str, int], str | None]:
+    """The updates a run made (one count; `per_role`: one per trainee, from MAGRPO's `<role>/loss` metrics)
+    and a warning when some steps made none: a step whose groups all had equal rewards has no learning signal."""
+    roles = sorted({k.removesuffix("/loss") for row in history for k in row if k.endswith("/loss")}) if per_role else []
+    counts = {role: updates_made(history, role) for role in roles} if roles else {"": updates_made(history)}
+    fewest = min(counts.values())
+    updates: int | dict[str, int] = counts if roles else counts[""]
+    least = [r for r, n in counts.items() if n == fewest]
+    who = f" for {', '.join(least)}" if roles else ""
+    if fewest == 0:
+        return updates, (
+            f"no update was made{who}: every group had equal rewards in each of the {steps} step(s) "
+            "(no learning signal), so that adapter is the untrained initial one; record more varied groups "
+            "(a larger group size, a higher temperature, easier questions) and train again"
+        )
+    if fewest < steps:
+        return updates, (f"{fewest} of {steps} steps made an update{who}; the others had equal rewards in every "
+                         "group (no learning signal)")  # fmt: skip
+    return updates, None
 
 
 def add_subcommand(subparsers: Any) -> None:

@@ -57,13 +57,22 @@ def paired_rows(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict
     return rows
 
 
+TEAM_FILE_SETS = ("model", "max_tokens", "temperature", "top_p")
+"""Flags of the built-in cooperate team that a `--team` file's own settings replace."""
+
+
+def reproducing_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that made the run: with `--team`, the ones its team file overrides are left out."""
+    return {k: v for k, v in vars(args).items() if not (args.team and k in TEAM_FILE_SETS)}
+
+
 def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) -> dict[str, Any]:
     """The before/after table with intervals and paired tests, as a JSON-able dict."""
     from mlpo_agents.report import command_line
 
     history = [row for row in result.history if "reward/mean" in row]
     return {
-        "command": command_line("examples/magrpo_learning.py", vars(args)),
+        "command": command_line("examples/magrpo_learning.py", reproducing_flags(args)),
         "seed": args.seed,
         "team": args.team or "cooperate",
         "steps": result.steps,

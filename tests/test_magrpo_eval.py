@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from examples.magrpo_learning import markdown, paired_rows
+from examples.magrpo_learning import markdown, paired_rows, reproducing_flags
 from mlpo_agents.rewards import RewardResult
 from mlpo_agents.rubric import Rubric, use_rubric
 from mlpo_agents.trace import TraceStore
@@ -102,3 +102,13 @@ def test_paired_rows_use_the_outcomes_not_the_accuracies():
     assert (rows["team"]["before"], rows["team"]["after"], rows["team"]["gained"]) == (0.5, 1.0, 1)
     assert (rows["solver alone"]["lost"], rows["trained team vs untrained solver alone"]["gained"]) == (1, 0)
     assert "before_lenient" not in rows["team"], "no lenient column without lenient figures"
+
+
+def test_the_recorded_command_leaves_out_flags_a_team_file_overrides():
+    import argparse
+
+    args = argparse.Namespace(team="qwen_code_pair", model="smollm2-135m", max_tokens=96, temperature=0.7, top_p=0.95,
+                              seed=0, lr=2e-4)  # fmt: skip
+    assert reproducing_flags(args) == {"team": "qwen_code_pair", "seed": 0, "lr": 2e-4}
+    args.team = None  # the built-in team: its model and sampling come from these flags
+    assert reproducing_flags(args)["model"] == "smollm2-135m" and reproducing_flags(args)["max_tokens"] == 96

@@ -263,12 +263,11 @@ def update(policy: Policy, batch: TrajectoryBatch, max_tokens: int) -> dict[str,
     the update (see `trainers.update`): the detached current logprobs for one epoch, one no-grad forward
     before the first of several.
     """
-    from .update import OldLogprobs, policy_update, with_current_logprobs
+    from .update import SKIPPED_UPDATE, OldLogprobs, nothing_to_learn, policy_update, with_current_logprobs
 
     c = policy.config
-    if c.kl_coef == 0 and not batch.advantages.any():
-        # A zero gradient would still move the weights through Adam's momentum; skip the step instead.
-        return {"loss": 0.0, "grad_norm": 0.0, "update_skipped": 1.0}
+    if nothing_to_learn(batch, "grpo", c.kl_coef):  # before the old-logprob forward below
+        return dict(SKIPPED_UPDATE)
     old_logprobs: OldLogprobs = "batch"
     if c.tempered_policy and c.update_epochs == 1:
         old_logprobs = "current"

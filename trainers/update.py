@@ -45,6 +45,17 @@ def _magrpo(logp: torch.Tensor, mb: TrajectoryBatch, ref_logp: torch.Tensor | No
 
 
 LOSSES: dict[str, LossFn] = {"grpo": _grpo, "magrpo": _magrpo}
+
+SKIPPED_UPDATE = {"loss": 0.0, "grad_norm": 0.0, "trained_tokens": 0.0, "tokens_per_s": 0.0, "update_s": 0.0,
+                  "update_skipped": 1.0}  # fmt: skip
+"""`policy_update`'s metrics when there was nothing to learn and no step was taken."""
+
+
+def nothing_to_learn(batch: TrajectoryBatch, loss: str | LossFn = "grpo", kl_coef: float = 0.0) -> bool:
+    """Every row's advantage is 0 under a built-in loss with no KL term: the gradient is exactly zero, so no
+    step is taken (a zero gradient would still move the weights through Adam's momentum). Every trainer's rule."""
+    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    return loss_fn in (_grpo, _magrpo) and kl_coef == 0 and not bool(batch.advantages.any())
 OldLogprobs = Literal["batch", "current"]
 
 
@@ -207,12 +218,11 @@ def policy_update(
     optimizer.zero_grad(set_to_none=True)
     start, trained_tokens, loss_sum = time.perf_counter(), 0, 0.0
     sums: dict[str, float] = {}
+    if nothing_to_learn(batch, loss_fn, loss_kwargs.get("kl_coef", 0.0)):  # weights and Adam's moments stay
+        return dict(SKIPPED_UPDATE)
     skip_zero = loss_fn in (_grpo, _magrpo) and not use_ref
     keep = (batch.advantages != 0).tolist() if skip_zero else None
     chunks = _micro_batches(len(batch), micro_batch_size, rank, world, keep)
-    if keep is not None and not any(keep):  # nothing to learn: leave the weights and Adam's moments alone
-        return {"loss": 0.0, "grad_norm": 0.0, "trained_tokens": 0.0, "tokens_per_s": 0.0, "update_s": 0.0,
-                "update_skipped": 1.0}  # fmt: skip
     for i, rows in enumerate(chunks):
         empty = not rows  # a rank with fewer rows still runs a forward/backward so DDP's all-reduce lines up
         mb = batch.select(rows or [0]).to(device)

@@ -270,6 +270,21 @@ def test_short_malt_run_on_tiny_changes_every_role_adapter_and_serves_it(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("dpo/refiner/loss" in r for r in rows) and any("tree/leaves" in r for r in rows)
 
+    # The finished run re-evaluated with a majority vote (examples/malt_vote.py): untrained, then trained roles.
+    from examples.malt_vote import vote
+
+    run_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    voted = vote(tmp_path / "run", tmp_path / "vote", chains=3, temperature=1.0, questions=2, concurrency=2)
+    assert voted["rows"]["team"]["n"] == 2 and voted["eval"]["chains"] == 3
+    with TraceStore(tmp_path / "vote" / "traces.sqlite") as store:
+        for label in ("before", "after"):
+            episodes = [e.episode_id for e in store.episodes() if e.team.endswith(f"eval-{label}")]
+            calls = store.calls(episode_id=episodes)
+            assert len(episodes) == 2 and len(calls) == 2 * 3 * 3  # questions x chains x roles
+            trained = {c.role: c.version for c in calls if c.version.startswith("malt-vote-")}
+            assert trained == ({} if label == "before" else {r: f"malt-vote-{r}" for r in malt.ROLES})
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == run_files  # read only
+
 
 def test_resume_skips_expanded_questions_and_finished_roles(tmp_path, mixed_rewards, monkeypatch):
     ran: list[str] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -103,3 +104,18 @@ def test_evaluate_on_tiny_pairs_per_question_and_the_report_is_built_from_them(t
     assert [results["search"][r]["dpo_trained"] for r in malt.ROLES] == [0, 2, 2]  # the generator: SFT only
     table = markdown(results)
     assert f"{gained} / {lost}" in table and "| verifier | 4 | 1 | 3 | 0 | 1 | 2 (2) |" in table
+
+
+def test_malt_vote_refuses_a_folder_that_is_not_a_finished_malt_run(tmp_path):
+    from examples.malt_vote import vote
+
+    with pytest.raises(SystemExit, match="no config.json: pass the folder of a MALT run"):
+        vote(tmp_path, tmp_path / "out", chains=3)
+    (tmp_path / "config.json").write_text(json.dumps({"task": "tiny", "team": "tiny_gvr"}))
+    with pytest.raises(SystemExit, match="not a MALT run's config"):
+        vote(tmp_path, tmp_path / "out", chains=3)
+    fields = {"task": "tiny", "team": "tiny_gvr", "roles": ["generator", "verifier", "refiner"], "adapter_per_role": True}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(SystemExit, match=r"no trained adapter in .*generator.*finish the run first"):
+        vote(tmp_path, tmp_path / "out", chains=3)
+    assert not (tmp_path / "out").exists()  # nothing written for a run it refused

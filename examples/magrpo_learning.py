@@ -66,7 +66,22 @@ def reproducing_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if not (args.team and k in TEAM_FILE_SETS)}
 
 
-def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) -> dict[str, Any]:
+def recorded_config(config: Any, team: Any = None) -> dict[str, Any]:
+    """The run's settings as `results.json` records them: with a `--team` file, its agents' own model and
+    sampling replace the built-in team's `TEAM_FILE_SETS`, which did not apply."""
+    record = dict(vars(config))
+    if team is None:
+        return record
+    for key in TEAM_FILE_SETS:
+        record.pop(key, None)
+    record["team_agents"] = {
+        role: {"model": team.deployment(rc.model)["litellm_params"]["model"], **rc.sampling.as_kwargs()}
+        for role, rc in team.roles.items()
+    }
+    return record
+
+
+def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float, team: Any = None) -> dict[str, Any]:
     """The before/after table with intervals and paired tests, as a JSON-able dict."""
     from mlpo_agents.report import command_line
 
@@ -83,7 +98,7 @@ def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) ->
             for name, row in paired_rows(result.evaluation["before"], result.evaluation["after"]).items()
         },
         "train_reward_per_step": [round(row["reward/mean"], 4) for row in history],
-        "config": dict(vars(config)),
+        "config": recorded_config(config, team),
         "adapters": {role: str(path) for role, path in result.adapters.items()},
     }
 
@@ -167,16 +182,18 @@ def main() -> None:
         max_minutes=args.minutes,
         concurrency=16,
     )
+    team = None
     if args.team:  # the team's own agents (helper + main for code_pair), as training applies them
         from mlpo_agents.config import load_team
         from mlpo_agents.trainers.magrpo import for_team
 
-        config = for_team(config, load_team(args.team))
+        team = load_team(args.team)
+        config = for_team(config, team)
     from mlpo_agents.report import write_learning_results
 
     start = time.perf_counter()
     result = train(config)
-    results = report(result, args, config, time.perf_counter() - start)
+    results = report(result, args, config, time.perf_counter() - start, team)
     write_learning_results(out, results, markdown(results))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from examples.magrpo_learning import markdown, paired_rows, reproducing_flags
+from examples.magrpo_learning import markdown, paired_rows, recorded_config, reproducing_flags
 from mlpo_agents.rewards import RewardResult
 from mlpo_agents.rubric import Rubric, use_rubric
 from mlpo_agents.trace import TraceStore
@@ -112,3 +112,18 @@ def test_the_recorded_command_leaves_out_flags_a_team_file_overrides():
     assert reproducing_flags(args) == {"team": "qwen_code_pair", "seed": 0, "lr": 2e-4}
     args.team = None  # the built-in team: its model and sampling come from these flags
     assert reproducing_flags(args)["model"] == "smollm2-135m" and reproducing_flags(args)["max_tokens"] == 96
+
+
+def test_the_recorded_config_shows_a_team_files_own_agents_not_the_built_in_flags():
+    from mlpo_agents.config import load_team
+    from mlpo_agents.trainers.magrpo import MAGRPOConfig, for_team
+
+    team = load_team("qwen_code_pair")
+    config = for_team(MAGRPOConfig(team="qwen_code_pair", task="code"), team)
+    record = recorded_config(config, team)
+    assert not {"model", "max_tokens", "temperature", "top_p"} & set(record)  # the built-in team's, not applied
+    assert set(record["team_agents"]) == set(team.roles)
+    for role, rc in team.roles.items():
+        assert record["team_agents"][role]["max_tokens"] == rc.sampling.max_tokens
+        assert "qwen" in record["team_agents"][role]["model"]
+    assert recorded_config(config)["model"] == config.model  # the built-in team: the flags are what ran

@@ -68,6 +68,43 @@ class GenerationResult:
     latency_s: float = 0.0
 
 
+NUCLEUS_CANDIDATES = 64
+"""Most likely tokens a top-p row's nucleus is looked for among (`torch.topk`) before the row falls back to
+sorting its whole vocabulary. A sort of (B, V) costs 5-40x the rest of sampling (measured: 16 rows of a
+152k vocabulary, 525 ms sorted vs 57 ms without top-p, one thread); at the temperatures used here a language
+model's top 64 tokens nearly always hold more than top_p of the mass, and when they do the nucleus is exactly
+the one a full sort finds (every token past them has at least top_p mass before it, so it is cut)."""
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Column index (S,) drawn from unnormalised probabilities (S, N) with one uniform per row."""
+    cdf = probs.cumsum(dim=-1)
+    target = (uniforms * cdf[:, -1]).to(cdf.dtype)[:, None]
+    return torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
+
+
+def _nucleus(probs: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids (S,) from probabilities sorted descending (S, N) whose vocabulary ids are `order`: the
+    smallest prefix with at least `top_p` mass (always the most likely token), inverse-CDF sampled."""
+    keep = (probs.cumsum(dim=-1) - probs) < top_p[:, None]
+    picks = _inverse_cdf(probs * keep, uniforms)
+    return order.gather(1, picks[:, None]).squeeze(1)
+
+
+def _top_p_tokens(scaled: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Nucleus samples (S,) from scaled log-probabilities (S, V): among the top `NUCLEUS_CANDIDATES` tokens
+    of each row, or from a full sort for a row whose candidates hold less than its `top_p`."""
+    k = min(NUCLEUS_CANDIDATES, scaled.shape[-1])
+    top, order = scaled.topk(k, dim=-1)  # sorted descending
+    probs = top.exp()
+    tokens = _nucleus(probs, order, top_p, uniforms)
+    short = (probs.sum(dim=-1) < top_p).nonzero().squeeze(1)  # the nucleus may reach past the candidates
+    if len(short):
+        full, full_order = scaled[short].exp().sort(dim=-1, descending=True)
+        tokens[short] = _nucleus(full, full_order, top_p[short], uniforms[short])
+    return tokens
+
+
 def sample_tokens(
     logits: torch.Tensor,  # (B, V) float32
     params: Sequence[SamplingParams],
@@ -75,43 +112,41 @@ def sample_tokens(
     processed_logprobs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row and its logprob, batched: greedy rows (temperature 0) take the argmax, others
-    inverse-CDF sampling with one uniform from the row's own generator (so a row's draw does not depend
-    on its batch mates), with top-p truncation when asked. Logprobs are raw (T = 1) unless
-    `processed_logprobs` (then under the temperature-scaled distribution, top-p never included)."""
+    inverse-CDF sampling with one uniform from the row's own generator, over the whole vocabulary or, with
+    top_p < 1, over the row's nucleus; what a row draws depends on its own logits, params and generator
+    only, never on its batch mates. Logprobs are raw (T = 1) unless `processed_logprobs` (then under the
+    temperature-scaled distribution, top-p never included)."""
     temps = [p.temperature for p in params]
     if not processed_logprobs and not any(temps):
         # All greedy: argmax of the logits (what transformers' greedy takes) without materialising (B, V).
         best, tokens = logits.max(dim=-1)
         return tokens, best - logits.logsumexp(dim=-1)
-    raw_logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
-    tokens = raw_logprobs.argmax(dim=-1)  # (B,)
-    chosen_logprobs = raw_logprobs
+    device = logits.device
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=device)
+    greedy = [j for j, t in enumerate(temps) if t == 0]
+    if greedy:
+        rows = torch.tensor(greedy, device=device)
+        tokens[rows] = logits[rows].argmax(dim=-1)
     sampled = [j for j, t in enumerate(temps) if t > 0]
+    scaled = None
     if sampled:
-        idx = torch.tensor(sampled, device=logits.device)
-        temp = torch.tensor([temps[j] for j in sampled], device=logits.device, dtype=logits.dtype)
-        scaled = torch.log_softmax(logits[idx] / temp[:, None], dim=-1)  # (S, V)
-        probs = scaled.exp()
-        top_ps = [params[j].top_p for j in sampled]
-        uniforms = torch.stack(
-            [torch.rand((), generator=generators[j], device=logits.device) for j in sampled]
-        )
-        if all(p >= 1.0 for p in top_ps):
-            order = None
-            cdf = probs.cumsum(dim=-1)
-        else:
-            probs, order = probs.sort(dim=-1, descending=True)
-            cdf = probs.cumsum(dim=-1)
-            top_p = torch.tensor(top_ps, device=logits.device, dtype=probs.dtype)
-            keep = (cdf - probs) < top_p[:, None]  # always keeps the most likely token
-            probs = probs * keep
-            cdf = probs.cumsum(dim=-1)
-        target = (uniforms * cdf[:, -1]).to(cdf.dtype)[:, None]
-        picks = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1).squeeze(1)  # (S,)
-        if order is not None:
-            picks = order.gather(1, picks[:, None]).squeeze(1)
+        idx = torch.tensor(sampled, device=device)
+        temp = torch.tensor([temps[j] for j in sampled], device=device, dtype=logits.dtype)
+        chosen = logits if len(sampled) == len(temps) else logits[idx]
+        scaled = torch.log_softmax(chosen / temp[:, None], dim=-1)  # (S, V)
+        uniforms = torch.stack([torch.rand((), generator=generators[j], device=device) for j in sampled])
+        top_ps = torch.tensor([params[j].top_p for j in sampled], device=device, dtype=scaled.dtype)
+        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
+        whole = top_ps >= 1.0
+        if whole.any():
+            rows = whole.nonzero().squeeze(1)
+            picks[rows] = _inverse_cdf(scaled[rows].exp(), uniforms[rows])
+        if not whole.all():
+            rows = (~whole).nonzero().squeeze(1)
+            picks[rows] = _top_p_tokens(scaled[rows], top_ps[rows], uniforms[rows])
         tokens[idx] = picks
-        if processed_logprobs:
-            chosen_logprobs = raw_logprobs.clone()
-            chosen_logprobs[idx] = scaled
-    return tokens, chosen_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    # The chosen tokens' raw logprobs: one log-normaliser per row, never a (B, V) log-softmax.
+    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+    if processed_logprobs and scaled is not None:
+        logprobs[idx] = scaled.gather(1, picks[:, None]).squeeze(1)
+    return tokens, logprobs

@@ -105,6 +105,21 @@ def _top_p_tokens(scaled: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Ten
     return tokens
 
 
+def _draw(scaled: torch.Tensor, top_ps: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids (S,) from scaled log-probabilities (S, V): the whole vocabulary for rows with top_p 1,
+    the nucleus for the others (no copy of the batch when every row takes the same path)."""
+    whole = top_ps >= 1.0
+    if bool(whole.all()):
+        return _inverse_cdf(scaled.exp(), uniforms)
+    if not bool(whole.any()):
+        return _top_p_tokens(scaled, top_ps, uniforms)
+    picks = torch.empty(len(top_ps), dtype=torch.long, device=scaled.device)
+    rows, nucleus = whole.nonzero().squeeze(1), (~whole).nonzero().squeeze(1)
+    picks[rows] = _inverse_cdf(scaled[rows].exp(), uniforms[rows])
+    picks[nucleus] = _top_p_tokens(scaled[nucleus], top_ps[nucleus], uniforms[nucleus])
+    return picks
+
+
 def sample_tokens(
     logits: torch.Tensor,  # (B, V) float32
     params: Sequence[SamplingParams],
@@ -136,14 +151,7 @@ def sample_tokens(
         scaled = torch.log_softmax(chosen / temp[:, None], dim=-1)  # (S, V)
         uniforms = torch.stack([torch.rand((), generator=generators[j], device=device) for j in sampled])
         top_ps = torch.tensor([params[j].top_p for j in sampled], device=device, dtype=scaled.dtype)
-        picks = torch.empty(len(sampled), dtype=torch.long, device=device)
-        whole = top_ps >= 1.0
-        if whole.any():
-            rows = whole.nonzero().squeeze(1)
-            picks[rows] = _inverse_cdf(scaled[rows].exp(), uniforms[rows])
-        if not whole.all():
-            rows = (~whole).nonzero().squeeze(1)
-            picks[rows] = _top_p_tokens(scaled[rows], top_ps[rows], uniforms[rows])
+        picks = _draw(scaled, top_ps, uniforms)
         tokens[idx] = picks
     # The chosen tokens' raw logprobs: one log-normaliser per row, never a (B, V) log-softmax.
     logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)

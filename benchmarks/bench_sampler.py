@@ -4,8 +4,9 @@ Every team samples at top_p < 1 (0.95 in the shipped teams). The engine used to 
 sorting its whole vocabulary every decode step (as transformers' `TopPLogitsWarper` does): 49k entries a
 row for SmolLM2, 152k for Qwen2.5-Coder. It now looks among the row's 64 most likely tokens first
 (`mlpo_agents.sampling.NUCLEUS_CANDIDATES`) and sorts only a row whose candidates hold less than top_p.
-Both draw the same tokens (`tests/test_sampling.py`); this measures what that is worth end to end: the
-same engine and requests (3 peers x N episodes of GSM8K prompts, as `bench_engine.py`), sampled at
+Both find the same nucleus (`tests/test_sampling.py`; tokens of equal probability, frequent with bf16 logits,
+may be ranked differently, so the token counts can differ a little). This measures what it is worth end to
+end: the same engine and requests (3 peers x N episodes of GSM8K prompts, as `bench_engine.py`), sampled at
 `--temperature` / `--top-p` with fixed seeds, once with each sampler, alternating, `--rounds` times.
 It also reports how often a row needed the full sort.
 

@@ -1,5 +1,6 @@
 """The engine's batched sampler (`mlpo_agents.sampling.sample_tokens`): the top-p path looks for the nucleus
-among the top candidates instead of sorting the vocabulary, and must draw exactly what a full sort draws."""
+among the top candidates instead of sorting the vocabulary, and must draw exactly what a full sort draws
+(float32 logits without ties: tied probabilities may be ranked in either order by either path)."""
 
 from __future__ import annotations
 

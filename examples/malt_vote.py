@@ -52,6 +52,8 @@ def vote(run: Path, out: Path, chains: int, temperature: float | None = None, qu
     from mlpo_agents.trace import TraceStore
     from mlpo_agents.trainers.malt import MALTConfig, evaluate, route, units_of
 
+    if out.resolve() == run.resolve():
+        raise SystemExit(f"--out {out} is the run folder: give this evaluation its own folder (the run is only read)")
     fields = load_run_config(run)
     known = {f.name for f in dataclasses.fields(MALTConfig)}
     config = MALTConfig(**{

@@ -109,6 +109,8 @@ def test_evaluate_on_tiny_pairs_per_question_and_the_report_is_built_from_them(t
 def test_malt_vote_refuses_a_folder_that_is_not_a_finished_malt_run(tmp_path):
     from examples.malt_vote import vote
 
+    with pytest.raises(SystemExit, match="is the run folder: give this evaluation its own folder"):
+        vote(tmp_path, tmp_path, chains=3)
     with pytest.raises(SystemExit, match="no config.json: pass the folder of a MALT run"):
         vote(tmp_path, tmp_path / "out", chains=3)
     (tmp_path / "config.json").write_text(json.dumps({"task": "tiny", "team": "tiny_gvr"}))

@@ -56,6 +56,8 @@ def nothing_to_learn(batch: TrajectoryBatch, loss: str | LossFn = "grpo", kl_coe
     step is taken (a zero gradient would still move the weights through Adam's momentum). Every trainer's rule."""
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     return loss_fn in (_grpo, _magrpo) and kl_coef == 0 and not bool(batch.advantages.any())
+
+
 OldLogprobs = Literal["batch", "current"]
 
 

@@ -45,6 +45,17 @@ def timed(fn: Callable[..., Any], label: str, totals: collections.Counter, calls
     return wrapper
 
 
+def shape_probe(decode_step: Callable[..., Any], shapes: list[tuple[int, int, int]]) -> Callable:
+    """Wrap `_decode_step` to record (rows, KV columns, real tokens) of each step's batch before it runs."""
+
+    def wrapper(self: Any) -> Any:
+        rows, columns = self._mask.shape
+        shapes.append((rows, columns + 1, int(self._mask.sum()) + rows))  # the step appends one column per row
+        return decode_step(self)
+
+    return wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -57,6 +68,8 @@ def main() -> None:
     calls: collections.Counter = collections.Counter()
     for owner, name, label in TIMED:
         setattr(owner, name, timed(getattr(owner, name), label, totals, calls))
+    shapes: list[tuple[int, int, int]] = []
+    engine.LocalEngine._decode_step = shape_probe(engine.LocalEngine._decode_step, shapes)
     sys.argv = ["bench_vllm.py", "--model", args.model, "--episodes", str(args.episodes), "--concurrency",
                 str(args.concurrency), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
                 "--backends", "local"]  # fmt: skip
@@ -67,6 +80,13 @@ def main() -> None:
     for _, _, label in TIMED:
         if calls[label]:
             print(f"{label:<46} {totals[label]:7.2f} s {calls[label]:6d} calls {totals[label] / calls[label] * 1e3:8.2f} ms each")
+    if shapes:
+        steps = len(shapes)
+        rows = sum(s[0] for s in shapes) / steps
+        columns = sum(s[1] for s in shapes) / steps
+        real = sum(s[2] for s in shapes) / sum(s[0] * s[1] for s in shapes)
+        print(f"decode batches: {rows:.1f} rows x {columns:.0f} KV columns on average; real tokens "
+              f"{real:.0%} of the K/V the attention reads (the rest is left padding)")
 
 
 if __name__ == "__main__":

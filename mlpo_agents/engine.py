@@ -3,9 +3,9 @@
 ``LocalEngine`` owns one model on a background daemon thread. Requests queue up; the worker runs
 *continuous batching*: between two decode steps it prefills newly arrived prompts together (a few
 left-padded forwards, one row per distinct prompt and adapter: the ``n`` samples of a request and identical
-prompts share it; ``prefill.py``), merges their KV caches into the running batch in one rebuild (left
-padding + a boolean mask + per-row positions) and keeps decoding. Finished rows leave at once, all-padding
-columns are trimmed; a prompt whose prefill fails fails alone.
+prompts share it; ``prefill.py``), writes their KV caches into the running batch's spare rows (left
+padding + a boolean mask + per-row positions) and keeps decoding. Finished rows leave at once (the last
+rows take their places), all-padding columns are trimmed; a prompt whose prefill fails fails alone.
 
 Logprobs convention: ``logprobs[t]`` is the log-probability of the sampled token under the *raw model*
 distribution, ``log_softmax(logits)`` at temperature 1, before temperature / top-p are applied. This is
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mlpo_agents import zoo
-from mlpo_agents.kv_cache import concat_caches, keep_cache_rows, left_pad_mask
+from mlpo_agents.kv_cache import append_cache_rows, concat_caches, fill_order, keep_cache_rows, left_pad_mask
 from mlpo_agents.prefill import PrefilledBlock, WavePrompt, prefill_wave
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
@@ -339,13 +339,12 @@ class LocalEngine:
         return rows
 
     def _merge(self, blocks: list[PrefilledBlock], wave: list[_Request]) -> None:
-        """Append prefilled blocks to the running batch in one cache rebuild, left-padded to a common width."""
-        caches = [block.cache for block in blocks]
-        masks = [block.mask for block in blocks]
-        if self._cache is not None:
-            caches, masks = [self._cache, *caches], [self._mask, *masks]
+        """Append prefilled blocks to the running batch (in place, or in one rebuild), left-padded to a common width."""
+        caches, running = [block.cache for block in blocks], [] if self._cache is None else [self._cache]
+        masks = [self._mask, *(block.mask for block in blocks)] if running else [block.mask for block in blocks]
         width = max(mask.shape[1] for mask in masks)
-        self._cache = concat_caches(self._base_model.config, caches, width)
+        if not running or not append_cache_rows(self._cache, caches, width):
+            self._cache = concat_caches(self._base_model.config, running + caches, width, self.max_batch_size)
         self._mask = torch.cat([left_pad_mask(mask, width) for mask in masks])
         new_rows = [row for block in blocks for i in block.members for row in self._new_rows(wave[i])]
         positions = torch.tensor([len(row.request.prompt_ids) for row in new_rows], device=self.device)
@@ -422,18 +421,18 @@ class LocalEngine:
             request.future.set_result(result)
 
     def _drop_rows(self, finished: list[int]) -> None:
-        gone = set(finished)
-        keep_list = [i for i in range(len(self._rows)) if i not in gone]
-        if not keep_list:
+        # The last rows move into the holes (one row copy each): the batch's row order is free.
+        order = fill_order(len(self._rows), set(finished))
+        if not order:
             self._reset_batch()
             return
-        keep = torch.tensor(keep_list, dtype=torch.long, device=self.device)
-        self._rows = [self._rows[i] for i in keep_list]
+        keep = torch.tensor(order, dtype=torch.long, device=self.device)
+        self._rows = [self._rows[i] for i in order]
         mask = self._mask[keep]
         # Trim columns that are padding for every remaining row.
-        start = int(mask.any(dim=0).to(torch.int8).argmax())
-        self._mask = mask[:, start:]
-        keep_cache_rows(self._cache, keep, start, self._mask.shape[1])
+        trim = int(mask.any(dim=0).to(torch.int8).argmax())
+        self._mask = mask[:, trim:]
+        keep_cache_rows(self._cache, order, trim)
         self._positions = self._positions[keep]
         self._last_tokens = self._last_tokens[keep]
 

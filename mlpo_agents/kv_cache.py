@@ -1,9 +1,17 @@
-"""The KV cache of LocalEngine's running batch: a transformers DynamicCache whose layers grow in place.
+"""The KV cache of LocalEngine's running batch: a transformers DynamicCache whose layers change in place.
 
-Continuous batching keeps one cache for every row in flight. Each layer is a `GrowingLayer`: a
-preallocated (B, H, capacity, D) buffer that a decode step writes into instead of re-concatenating the
-whole cache. Rows are left-padded to a common width; the helpers here concatenate prefilled (and growing)
-caches into one, and keep a subset of rows while trimming leading all-padding columns.
+Continuous batching keeps one cache for every row in flight, rows left-padded to a common width. Each layer
+is a `GrowingLayer`: a preallocated (rows, H, columns, D) buffer of which the batch is a view
+`buffer[:n, :, start:length]`. The buffer keeps room on three sides, so the batch's usual changes copy
+nothing but what changed:
+- a decode step writes its token into the column after the view (room right: `RIGHT_ROOM` columns);
+- rows that join are written into spare rows below the view, the view widening to the left if their prompt
+  is longer (room left: `LEFT_ROOM` columns, row capacity: the engine's batch size);
+- rows that finish are replaced by the last rows of the batch (one row copy per finished row), and leading
+  all-padding columns are dropped by moving the view's start.
+Only when the room runs out is the buffer rebuilt (`concat_caches`), with fresh room on every side.
+Every column inside the view holds finite values: padding is masked out of attention, but inf/nan there
+would still leak through the attention sum.
 They hold no engine state: `engine.py` owns the batch (rows, attention mask, positions) and calls them.
 """
 
@@ -12,6 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+LEFT_ROOM = 256
+"""Free columns left of the view after a rebuild: a prompt up to this much longer than the batch joins in place."""
+RIGHT_ROOM = 128
+"""Free columns right of the view after a rebuild: decode steps before the next rebuild."""
 
 
 def new_growing_cache(config: Any) -> Any:
@@ -23,21 +36,47 @@ def new_growing_cache(config: Any) -> Any:
     return cache
 
 
-def concat_caches(config: Any, caches: list[Any], width: int) -> Any:
-    """A growing cache holding the rows of `caches` (growing or prefilled) in order, left-padded to `width`.
-
-    One rebuild per admission wave: merging prompts one at a time would copy the whole batch per prompt.
-    """
+def concat_caches(config: Any, caches: list[Any], width: int, rows: int = 0) -> Any:
+    """A growing cache holding the rows of `caches` (growing or prefilled) in order, left-padded to `width`,
+    with room for `rows` rows in all (at least the rows given)."""
     growing = new_growing_cache(config)
     for i, layer in enumerate(growing.layers):
-        layer.reset_to([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches], width)
+        layer.reset_to([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches], width, rows)
     return growing
 
 
-def keep_cache_rows(cache: Any, keep: torch.Tensor, start: int, width: int) -> None:
-    """Keep rows `keep` (B',) of growing `cache` and drop its first `start` columns, leaving `width`."""
+def append_cache_rows(cache: Any, caches: list[Any], width: int) -> bool:
+    """Append the rows of prefilled `caches` to growing `cache` in place, the batch left-padded to `width`.
+
+    Returns False, changing nothing, when the buffer has no room for them (the caller rebuilds instead).
+    """
+    rows = sum(c.layers[0].keys.shape[0] for c in caches)
+    if not all(layer.has_room(rows, width) for layer in cache.layers):
+        return False
+    for i, layer in enumerate(cache.layers):
+        layer.append_rows([c.layers[i].keys for c in caches], [c.layers[i].values for c in caches], width)
+    return True
+
+
+def keep_cache_rows(cache: Any, order: list[int], trim: int) -> None:
+    """Row j of growing `cache` becomes its row `order[j]`, in place; the first `trim` columns are dropped.
+
+    Each destination row must be `order[j]` itself or a row no later destination reads (a finished row).
+    """
     for layer in cache.layers:
-        layer.reset_to([layer.keys[keep, :, start:]], [layer.values[keep, :, start:]], width)
+        layer.keep_rows(order, trim)
+
+
+def fill_order(rows: int, finished: set[int]) -> list[int]:
+    """The row order after `finished` rows leave a batch of `rows`: survivors stay, the last survivors fill the
+    holes. Every destination is its own row or a finished one, as `keep_cache_rows` requires."""
+    kept = rows - len(finished)
+    order = list(range(kept))
+    tail = [i for i in range(kept, rows) if i not in finished]
+    holes = [i for i in range(kept) if i in finished]
+    for hole, row in zip(holes, tail, strict=True):
+        order[hole] = row
+    return order
 
 
 def left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -52,43 +91,70 @@ def _growing_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
-        """A DynamicLayer over a preallocated buffer: appending a token writes in place instead of torch.cat."""
+        """A DynamicLayer over a preallocated buffer; the batch is the view `buffer[:n, :, start:length]`."""
 
-        chunk = 128
-
-        def reset_to(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
-            """Rebuild the buffer from batch blocks (B_i, H, L_i, D), each left-padded to ``width``."""
+        def reset_to(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int, rows: int = 0) -> None:
+            """Rebuild the buffer from batch blocks (B_i, H, L_i, D), each left-padded to `width`."""
             first = keys[0]
             batch = sum(k.shape[0] for k in keys)
-            capacity = width + self.chunk
+            capacity = LEFT_ROOM + width + RIGHT_ROOM
             self.dtype, self.device = first.dtype, first.device
-            # Uninitialised: columns past `width` are written before they are read; only padding is zeroed
-            # (masked, but garbage there could be inf/nan and leak through the attention sum).
-            self.key_buffer = first.new_empty(batch, first.shape[1], capacity, first.shape[3])
-            self.value_buffer = first.new_empty(batch, values[0].shape[1], capacity, values[0].shape[3])
-            row = 0
-            for k, v in zip(keys, values, strict=True):
-                rows, pad = slice(row, row + k.shape[0]), width - k.shape[2]
-                self.key_buffer[rows, :, :pad] = 0
-                self.value_buffer[rows, :, :pad] = 0
-                self.key_buffer[rows, :, pad:width] = k
-                self.value_buffer[rows, :, pad:width] = v
-                row += k.shape[0]
-            self.length = width
-            self.keys = self.key_buffer[:, :, :width]
-            self.values = self.value_buffer[:, :, :width]
+            # Uninitialised: columns are written (or zeroed) before the view reaches them.
+            shape = (max(batch, rows), first.shape[1], capacity, first.shape[3])
+            self.key_buffer = first.new_empty(shape)
+            self.value_buffer = first.new_empty(*shape[:3], values[0].shape[3])
+            self.rows, self.start, self.length = 0, LEFT_ROOM, LEFT_ROOM + width
+            self._write_rows(keys, values)
             self.is_initialized = True
+
+        def has_room(self, rows: int, width: int) -> bool:
+            return self.rows + rows <= self.key_buffer.shape[0] and self.length - width >= 0
+
+        def append_rows(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
+            """Write blocks (B_i, H, L_i, D) into spare rows, the view widened to `width` if it is narrower."""
+            start = min(self.start, self.length - width)
+            if start < self.start:  # the view widens: the old rows' new columns are padding
+                self.key_buffer[: self.rows, :, start : self.start] = 0
+                self.value_buffer[: self.rows, :, start : self.start] = 0
+                self.start = start
+            self._write_rows(keys, values)
+
+        def _write_rows(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+            """Blocks into the rows after the view's last, right-aligned at `length`, padding zeroed."""
+            for k, v in zip(keys, values, strict=True):
+                rows, pad = slice(self.rows, self.rows + k.shape[0]), self.length - k.shape[2]
+                self.key_buffer[rows, :, self.start : pad] = 0
+                self.value_buffer[rows, :, self.start : pad] = 0
+                self.key_buffer[rows, :, pad : self.length] = k
+                self.value_buffer[rows, :, pad : self.length] = v
+                self.rows += k.shape[0]
+            self._view()
+
+        def keep_rows(self, order: list[int], trim: int) -> None:
+            self.start += trim
+            columns = slice(self.start, self.length)
+            for row, source in enumerate(order):
+                if row != source:
+                    self.key_buffer[row, :, columns] = self.key_buffer[source, :, columns]
+                    self.value_buffer[row, :, columns] = self.value_buffer[source, :, columns]
+            self.rows = len(order)
+            self._view()
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
             end = self.length + key_states.shape[-2]
-            if end > self.key_buffer.shape[2]:
-                self.reset_to([self.keys], [self.values], self.length)  # type: ignore[list-item]
-            self.key_buffer[:, :, self.length : end] = key_states
-            self.value_buffer[:, :, self.length : end] = value_states
+            if end > self.key_buffer.shape[2]:  # no room right: rebuild with fresh room
+                keys, values = self.keys, self.values  # views that keep the old buffer alive while it is copied
+                self.reset_to([keys], [values], keys.shape[2], self.key_buffer.shape[0])  # type: ignore[list-item,union-attr]
+                end = self.length + key_states.shape[-2]
+            self.key_buffer[: self.rows, :, self.length : end] = key_states
+            self.value_buffer[: self.rows, :, self.length : end] = value_states
             self.length = end
-            self.keys = self.key_buffer[:, :, :end]
-            self.values = self.value_buffer[:, :, :end]
+            self._view()
             return self.keys, self.values
+
+        def _view(self) -> None:
+            self.keys = self.key_buffer[: self.rows, :, self.start : self.length]
+            self.values = self.value_buffer[: self.rows, :, self.start : self.length]
 
     return GrowingLayer
 

@@ -36,6 +36,7 @@ import torch
 
 from mlpo_agents import zoo
 from mlpo_agents.kv_cache import append_cache_rows, concat_caches, fill_order, keep_cache_rows, left_pad_mask
+from mlpo_agents.packed_linear import engine_model, packed_tensors
 from mlpo_agents.prefill import PrefilledBlock, WavePrompt, prefill_wave
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
@@ -74,7 +75,7 @@ class LocalEngine:
         spec: str,
         dtype: str = "float32",
         device: str | None = None,
-        max_batch_size: int = 32,
+        max_batch_size: int = 64,
         logprobs_mode: str = "raw",
         share_weights: bool = True,
         num_threads: int | None = None,
@@ -88,9 +89,7 @@ class LocalEngine:
         self.max_batch_size = max_batch_size
         self.logprobs_mode = logprobs_mode
         model, self.tokenizer = zoo.resolve(spec, dtype=self.dtype)
-        if not share_weights or self.device.type != "cpu":
-            model = copy.deepcopy(model)
-        self._base_model = model.to(self.device).eval()
+        self._base_model, self.packed_linears = engine_model(model, self.device, share_weights)
         # Intra-op threads of the worker thread only (a per-thread setting). Tiny models gain nothing from
         # threads and suffer badly on a busy machine, so they default to one.
         env_threads = os.environ.get("MLPO_ENGINE_THREADS")
@@ -263,7 +262,7 @@ class LocalEngine:
             del self.adapters[name]
         if self._peft_model is None:
             # peft injects LoRA layers in place: work on a private copy so the shared zoo model stays clean.
-            base = copy.deepcopy(self._base_model)
+            base = copy.deepcopy(self._base_model, packed_tensors(self._base_model))
             self._peft_model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
             self._peft_model.eval()
         else:

@@ -1,0 +1,72 @@
+"""Prepacked bf16 linears (`packed_linear.py`): decode steps through oneDNN's packed weights, everything else
+as `nn.Linear`; the engine packs modules of its own and leaves the shared zoo model untouched.
+
+Tolerance: oneDNN's packed kernel and the plain bf16 call round alike at the shapes measured here (equal
+outputs), but nothing promises that on every CPU, so single-token outputs are compared within one bf16
+rounding step of the output (rtol 2^-7); calls that must take the plain path are compared exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mlpo_agents import zoo
+from mlpo_agents.engine import LocalEngine
+from mlpo_agents.packed_linear import PackedLinear, can_pack, pack_linears, private_copy
+from tests.test_engine import PROMPTS, _make_adapter
+
+pytestmark = pytest.mark.skipif(
+    not can_pack(torch.bfloat16, torch.device("cpu")), reason="this CPU's oneDNN has no bf16 kernels"
+)
+BF16_RTOL = 2**-7
+
+
+def _layer(bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 96, bias=bias).to(torch.bfloat16)
+    packed = private_copy(nn.Sequential(plain))[0]
+    assert pack_linears(packed) == 1 and isinstance(packed, PackedLinear)
+    return plain, packed
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_single_token_uses_packed_weight_and_matches(bias):
+    plain, packed = _layer(bias)
+    x = torch.randn(5, 1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want, got = plain(x), packed(x)
+    assert got.shape == want.shape == (5, 1, 96)
+    torch.testing.assert_close(got.float(), want.float(), rtol=BF16_RTOL, atol=1e-3)
+    packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(packed.weight), 16)
+    with torch.inference_mode():
+        assert not torch.equal(packed(x), want)  # the single-token call really reads the packed weight
+
+
+def test_prefill_and_gradients_take_the_plain_path():
+    plain, packed = _layer(True)
+    packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(packed.weight), 16)
+    prompt = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed(prompt), plain(prompt))
+    token = torch.randn(3, 1, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert torch.equal(packed(token), plain(token))  # grad enabled: plain
+
+
+def test_engine_packs_its_own_modules_and_adapters_still_load(tmp_path):
+    eng = LocalEngine("tiny-test", dtype="bfloat16", max_batch_size=8)
+    try:
+        assert eng.packed_linears > 0
+        shared, _ = zoo.resolve("tiny-test", dtype="bfloat16")
+        assert not any(isinstance(m, PackedLinear) for m in shared.modules())  # trainers see plain layers
+        engine_weight = eng._base_model.model.layers[0].self_attn.q_proj.weight
+        assert engine_weight is shared.model.layers[0].self_attn.q_proj.weight  # weights shared, not copied
+        base = eng.generate(PROMPTS[1], max_tokens=12, temperature=0).samples[0].token_ids
+        _make_adapter(tmp_path / "a1", seed=1)
+        eng.load_adapter("a1", tmp_path / "a1")
+        tuned = eng.generate(PROMPTS[1], max_tokens=12, temperature=0, adapter="a1").samples[0].token_ids
+        assert tuned != base
+        assert eng.generate(PROMPTS[1], max_tokens=12, temperature=0).samples[0].token_ids == base
+    finally:
+        eng.close()

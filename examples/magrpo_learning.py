@@ -148,6 +148,10 @@ def main() -> None:
         help="share of each step's questions the solver answers alone (G samples each), trained in the same "
         "update to keep its solo skill; 0 = the paper",
     )
+    parser.add_argument(
+        "--solo-from-step", type=int, default=0,
+        help="steps of joint actions only before the solo groups begin (README recipe B: 25)",
+    )  # fmt: skip
     parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward/backward")
     parser.add_argument("--max-steps", type=int, default=500, help="upper bound; --minutes usually stops first")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -173,6 +177,7 @@ def main() -> None:
         temperature=args.temperature,
         top_p=args.top_p,
         solo_fraction=args.solo_fraction,
+        solo_from_step=args.solo_from_step,
         micro_batch_size=args.micro_batch,
         eval_questions=args.eval_questions,
         eval_temperature=0.0,

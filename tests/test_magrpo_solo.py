@@ -112,3 +112,24 @@ def test_a_tiny_run_asks_one_question_a_step_to_the_solver_alone_and_trains_it_o
         logged = next(row for row in result.history if row.get("step") == step and "reward/correct_solo" in row)
         assert logged["reward/correct_solo"] == pytest.approx(r.mean().item())
     store.close()
+
+
+def test_solo_groups_begin_after_solo_from_step(tmp_path):
+    """Recipe B as one run: step 1 is joint actions only (`solo_from_step=1`), step 2 mixes in a solo group."""
+    import mlpo_agents.trainers.magrpo as magrpo
+
+    with pytest.raises(ValueError, match="solo_from_step >= 0"):
+        MAGRPOConfig(solo_from_step=-1)
+    config = MAGRPOConfig(
+        model="tiny-test", task="arithmetic", out=str(tmp_path), steps=2, group_size=2, questions_per_step=2,
+        train_questions=4, max_tokens=4, lr=1e-2, micro_batch_size=8, progress=False, concurrency=4,
+        solo_fraction=0.5, solo_from_step=1,
+    )  # fmt: skip
+    with use_rubric(Rubric.for_kind("math").replace("correct", parity)):
+        result = magrpo.train(config)
+    store = TraceStore(tmp_path / "traces.sqlite")
+    solo_episodes, team_episodes = store.episodes(team="cooperate-solver-alone"), store.episodes(team="cooperate")
+    assert len(solo_episodes) == 1 and len(team_episodes) == 3, "step 1: two team questions; step 2: one and one"
+    assert {c.version for c in store.calls(episode_id=solo_episodes[0].episode_id)} == {"solver-step-1"}
+    assert not any("reward/correct_solo" in row for row in result.history if row.get("step") == 1)
+    store.close()

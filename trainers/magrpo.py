@@ -169,6 +169,9 @@ class MAGRPOConfig(PolicyGradientConfig):
     """Share of each step's questions asked to `answer_role` alone (G samples each) and trained in the same
     update; 0 = the paper. Not in the paper: trained on joint actions only, the answering agent loses its solo
     skill (`magrpo_solo`)."""
+    solo_from_step: int = 0
+    """Solo groups begin after this many steps of joint actions only (0: from the first step). README recipe B:
+    25 steps as the paper, then `solo_fraction` 0.25."""
 
     def __post_init__(self) -> None:
         self.agents = tuple(self.agents)
@@ -192,8 +195,8 @@ class MAGRPOConfig(PolicyGradientConfig):
             problems.append(f"top_p={self.top_p} must be in (0, 1] and max_grad_norm >= 0")
         if not 0 <= self.solo_fraction < 1:
             problems.append(f"solo_fraction={self.solo_fraction}: must be in [0, 1) (the share of each step's questions asked to the answering agent alone; the rest go to the team)")
-        if self.micro_batch_size < 1 or self.concurrency < 1:
-            problems.append("micro_batch_size and concurrency must be >= 1")
+        if self.micro_batch_size < 1 or self.concurrency < 1 or self.solo_from_step < 0:
+            problems.append("micro_batch_size and concurrency must be >= 1, solo_from_step >= 0")
         if self.offline:
             problems.append(
                 "offline=True: MAGRPO is on-policy (REINFORCE with a group baseline, no importance ratio), "
@@ -295,10 +298,11 @@ class JointSteps:
         config, questions, agents = self.config, self.questions, self.agents
         tasks = [questions[(self.state.cursor + i) % len(questions)] for i in range(config.questions_per_step)]
         self.state.cursor += config.questions_per_step
-        solo, tasks = tasks[: self.solo_count], tasks[self.solo_count :]
+        count = self.solo_count if n > config.solo_from_step else 0
+        solo, tasks = tasks[:count], tasks[count:]
         t0 = time.perf_counter()
         jobs = [(agent_team(self.team, config, step_seed(config.seed, n)), tasks, self.graph)]
-        if self.solo is not None:
+        if self.solo is not None and solo:
             alone = self.solo.seeded(agents[config.answer_role], step_seed(config.seed, n, "solo"))
             jobs.append((alone, solo, self.solo.graph))
         summaries = rollout(jobs, self.store, self.client, config)

@@ -1,8 +1,8 @@
 """Decode steps through oneDNN-prepacked bf16 weights: LocalEngine's linear layers on a CPU.
 
 A bf16 `nn.Linear` on a CPU hands its (N, K) weight to oneDNN on every call, which reorders it into the
-blocked layout its AMX/AVX-512 kernels read; for the few rows of a decode step that is work worth skipping. `pack_linears` reorders each weight once (`torch.ops.mkldnn._reorder_linear_weight`) and turns the
-layer into a `PackedLinear`, which runs single-token inputs (decode steps) on the packed weight and
+blocked layout its AMX/AVX-512 kernels read; for the few rows of a decode step that is work worth skipping.
+`pack_linears` reorders each weight once (`torch.ops.mkldnn._reorder_linear_weight`) and turns the layer into a `PackedLinear`, which runs single-token inputs (decode steps) on the packed weight and
 everything else (prefill, training, gradients) exactly as `nn.Linear` does. Measured on 2 cores with AMX:
 a whole decode step 1.18x faster (SmolLM2-135M, 2 rows: 35.6 -> 30.1 ms) to 1.27x (Qwen2.5-Coder-0.5B,
 16 rows: 85.3 -> 67.2 ms), equal outputs at the shapes measured; the team workload, where prefill and

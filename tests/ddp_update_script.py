@@ -67,6 +67,8 @@ def main(out: Path, distributed: bool) -> None:
     rank = accelerator.process_index if accelerator else "single"
     unwrapped = accelerator.unwrap_model(model) if accelerator else model
     torch.save(lora_weights(unwrapped), out / f"rank{rank}.pt")
+    if accelerator:  # destroy the process group before teardown: left to exit, gloo's threads can abort the process
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

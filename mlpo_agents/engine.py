@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import copy
 import os
 import queue
 import random
@@ -36,7 +35,7 @@ import torch
 
 from mlpo_agents import zoo
 from mlpo_agents.kv_cache import append_cache_rows, concat_caches, fill_order, keep_cache_rows, left_pad_mask
-from mlpo_agents.packed_linear import engine_model, packed_tensors
+from mlpo_agents.packed_linear import engine_model, private_copy
 from mlpo_agents.prefill import PrefilledBlock, WavePrompt, prefill_wave
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
@@ -260,13 +259,17 @@ class LocalEngine:
         if name in self.adapters:
             self._peft_model.delete_adapter(name)
             del self.adapters[name]
+        # peft injects LoRA layers into modules of the engine's own that share the weights (no second copy),
+        # and freezes the base parameters: their flags are put back (the zoo model shares them).
+        flags = [(param, param.requires_grad) for param in self._base_model.parameters()]
         if self._peft_model is None:
-            # peft injects LoRA layers in place: work on a private copy so the shared zoo model stays clean.
-            base = copy.deepcopy(self._base_model, packed_tensors(self._base_model))
+            base = private_copy(self._base_model)
             self._peft_model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
             self._peft_model.eval()
         else:
             self._peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
+        for param, flag in flags:
+            param.requires_grad_(flag)
         self.adapters[name] = path
 
     def _do_unload(self, name: str) -> None:

@@ -142,11 +142,19 @@ def _make_adapter(path, seed: int) -> None:
 def test_adapters_switch_outputs_and_base_is_unchanged(tmp_path):
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
+        model, _ = zoo.resolve("tiny-test")  # the shared zoo model (trainers copy it; the engine shares it)
+        flags = [p.requires_grad for p in model.parameters()]
+        assert any(flags)
         base_before = eng.generate(PROMPTS[1], max_tokens=16, temperature=0).samples[0].token_ids
         _make_adapter(tmp_path / "a1", seed=1)
         _make_adapter(tmp_path / "a2", seed=2)
         eng.load_adapter("a1", tmp_path / "a1")
         eng.load_adapter("a2", tmp_path / "a2")
+        # peft's layers wrap the engine's own modules over the same weights: no copy of the base model,
+        # and the zoo model's parameters are left as they were (not frozen by peft).
+        q_proj = eng._peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        assert q_proj.base_layer.weight is model.model.layers[0].self_attn.q_proj.weight
+        assert [p.requires_grad for p in model.parameters()] == flags
         solo = {
             name: eng.generate(PROMPTS[1], max_tokens=16, temperature=0, adapter=name).samples[0].token_ids
             for name in (None, "a1", "a2")
@@ -159,7 +167,6 @@ def test_adapters_switch_outputs_and_base_is_unchanged(tmp_path):
         }
         assert {n: f.result(timeout=60).samples[0].token_ids for n, f in futures.items()} == solo
         # The shared zoo model was not modified by peft.
-        model, _ = zoo.resolve("tiny-test")
         assert not any("lora" in name for name, _ in model.named_modules())
         eng.unload_adapter("a1")
         assert "a1" not in eng.adapters

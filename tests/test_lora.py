@@ -33,9 +33,16 @@ def test_attach_trains_only_lora_and_leaves_the_shared_model_alone():
     model = attach_lora("tiny-test", LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    # The base weights are shared with the zoo model, not copied (a 7B base is not duplicated per trainee).
+    lora_q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_q.base_layer.weight is shared.model.layers[0].self_attn.q_proj.weight
     _perturb(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(IDS).logits.sum().backward()
+    optimizer.step()  # a training step moves the LoRA weights only
     assert all(torch.equal(v, shared.state_dict()[k]) for k, v in before.items())
     assert not any("lora" in n for n, _ in shared.named_parameters())
+    assert all(p.grad is None for p in shared.parameters())
 
 
 def test_save_load_round_trip_and_atomic_overwrite(tmp_path):

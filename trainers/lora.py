@@ -6,7 +6,6 @@ base-model check live in `mlpo_agents.adapters`; `save_adapter` and `adapter_bas
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from mlpo_agents import adapters, zoo
 from mlpo_agents.adapters import ADAPTER_META_FILE, AdapterMismatchError
+from mlpo_agents.packed_linear import private_copy
 
 __all__ = ["ADAPTER_META_FILE", "AdapterMismatchError", "LoraSettings", "attach_lora", "save_adapter",
            "adapter_base_model", "load_adapter"]
@@ -53,15 +53,18 @@ class LoraSettings:
 
 
 def _base_model(base: str | Any, dtype: str) -> tuple[Any, str | None]:
-    # A spec gives a private copy: zoo.resolve shares one cached model per process, and peft wraps in place.
+    # A spec gives private modules over the zoo model's weights: zoo.resolve shares one cached model per
+    # process and peft wraps modules in place, but the base weights are never written (LoRA only), so
+    # they are shared, not copied (a 7B base is not duplicated per trainee). peft freezes them
+    # (requires_grad False), which the zoo model sees: nothing trains its base weights.
     if isinstance(base, str):
         model, _ = zoo.resolve(base, dtype=dtype)
-        return copy.deepcopy(model), zoo.base_model_id(base)
+        return private_copy(model), zoo.base_model_id(base)
     return base, None
 
 
 def attach_lora(base: str | Any, settings: LoraSettings | None = None, *, dtype: str = "float32") -> Any:
-    """A trainable `PeftModel`: LoRA on a private copy of zoo spec `base`, or on the given model in place."""
+    """A trainable `PeftModel`: LoRA on zoo spec `base` (private modules, shared weights) or on a given model."""
     from peft import get_peft_model
 
     model, base_id = _base_model(base, dtype)
@@ -95,7 +98,7 @@ def load_adapter(
     dtype: str = "float32",
     base_model: str | None = None,
 ) -> Any:
-    """Load an adapter saved by `save_adapter` onto a copy of zoo spec `base` (or onto a given model).
+    """Load an adapter saved by `save_adapter` onto zoo spec `base` (private modules, shared weights) (or onto a given model).
 
     Raises `AdapterMismatchError` when the adapter was trained on another base model; with a model
     object instead of a spec, pass `base_model` (its id) to get the same check.

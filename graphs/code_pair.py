@@ -15,8 +15,9 @@ Every main call records `parent_call_id` = the helper call it is paired with (so
 the helper's call returns): the main prompt does not read it (it is the same for every pair), the link only says which programs were put together, so the
 trainers' joint actions (`trainers.magrpo.joint_actions`) find the pair.
 Sampling: the main prompt is the same for every helper sample, so with a fixed per-role seed (MAGRPO's
-seeded rollouts) G calls would give G identical samples. Aligned calls therefore use seed + g (g: the
-helper's sample index): G independent samples, as one call of n = G. Cross calls keep the role's seed, so
+seeded rollouts) G calls would give G identical samples. Aligned calls therefore mix g (the helper's
+sample index) into the call's seed (`nodes.call_seed`): G independent samples, as one call of n = G. Cross
+calls use the question's seed with no offset, so
 each helper is paired with the same S main samples (CoMLRL's G x G product of G aux and G main samples;
 identical up to the engine's batch-dependent float noise; without a seed they are independent).
 
@@ -42,7 +43,7 @@ from mlpo_agents.config import ConfigError
 from mlpo_agents.models import ModelCallError
 from mlpo_agents.rewards import extract_code
 
-from .nodes import agent_node, fan_out_each, find_turn, join, make_turn, require, turns_of, user
+from .nodes import agent_node, call_seed, fan_out_each, find_turn, join, make_turn, require, turns_of, user
 from .state import FailedTurn, TeamContext, TeamGraph, TeamState, Turn
 
 ROLES = ("helper", "main")
@@ -122,10 +123,8 @@ def main_node(main_samples: int) -> Any:
         ctx = runtime.context
         who = state.get("agent") or "main"
         helper = find_turn(state.get("turns", []), state["target"])
-        seed = ctx.client.team.role(who).sampling.seed
-        overrides: dict[str, Any] = {}
-        if seed is not None and main_samples == 1:  # aligned: G independent samples of one prompt
-            overrides["seed"] = (seed + helper["sample_index"]) % (1 << 31)
+        # aligned (one main per helper sample): G independent samples of one prompt, one stream each
+        offset = helper["sample_index"] if main_samples == 1 else 0
         try:
             outs = await ctx.client.acomplete(
                 main_prompt(state, who, ctx),
@@ -134,7 +133,7 @@ def main_node(main_samples: int) -> Any:
                 round=0,
                 n=main_samples,
                 parent_call_id=helper["call_id"],
-                **overrides,
+                seed=call_seed(state, ctx, who, 0, offset),
             )
         except ModelCallError as e:
             return {"failures": [FailedTurn(agent=who, role="main", round=0, error=str(e))]}

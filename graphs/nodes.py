@@ -11,6 +11,7 @@ three per leader_peers episode, more than the node's own work (benchmarks/bench_
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -33,6 +34,25 @@ PromptFn = Callable[[dict[str, Any], str, TeamContext], Messages]
 def user(text: str) -> Messages:
     """A one-message chat."""
     return [{"role": "user", "content": text}]
+
+
+def call_seed(state: dict[str, Any], ctx: TeamContext, agent: str, round_: int, offset: int = 0) -> int | None:
+    """The sampling seed of one call: the agent's `sampling.seed` (None: unseeded) mixed with the agent id,
+    the question (the task id, else its text), the round and `offset`, so each agent, question and round
+    draws its own stream, reproducibly (the engine adds the sample index for n > 1). One seed for every
+    question would give every question the same random draws (outcomes correlated across a whole
+    evaluation), and peers sharing their role's seed would write the same proposals."""
+    seed = ctx.client.team.role(agent).sampling.seed
+    if seed is None:
+        return None
+    question = ctx.task.id if ctx.task is not None else state.get("question", "")
+    return question_seed(seed, agent, question, round_, offset)
+
+
+def question_seed(seed: int, agent: str, question: str, round_: int = 0, offset: int = 0) -> int:
+    """`call_seed`'s rule: a 31-bit seed from (seed, agent, question, round, offset), the same in every process."""
+    key = f"{seed}/{agent}/{question}/{round_}/{offset}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big") & 0x7FFFFFFF
 
 
 def agent_node(
@@ -62,6 +82,7 @@ def agent_node(
                 round=round_,
                 n=samples,
                 parent_call_id=parent(state, who) if parent else None,
+                seed=call_seed(state, ctx, who, round_),
             )
         except ModelCallError as e:
             return {"failures": [FailedTurn(agent=who, role=role, round=round_, error=str(e))]}

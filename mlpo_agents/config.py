@@ -44,7 +44,8 @@ class Sampling(BaseModel):
     stop: list[str] | None = None
     """Stop strings; the completion ends before the first one."""
     seed: int | None = None
-    """Sampling seed for reproducible draws (engines that support it)."""
+    """Sampling seed for reproducible draws (engines that support it). Each call of a team's graph samples
+    with this seed mixed with the agent, the question and the round (`graphs.nodes.call_seed`)."""
     n: int = Field(1, ge=1, le=256)
     """Samples per call sharing one prompt and one group id (the GRPO group size at trainable nodes)."""
 

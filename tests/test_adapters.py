@@ -84,6 +84,7 @@ def test_an_adapter_of_another_base_model_is_refused_with_both_names(tmp_path, t
 def test_seeded_sampling_needs_no_team_swap(tmp_path, team, store):
     """A per-run team (seeded sampling) runs through a view of the client: the client keeps its team, and
     adapters routed on either side serve both."""
+    from mlpo_agents.graphs.nodes import question_seed
     from mlpo_agents.tasks import load_task
     from mlpo_agents.trainers.common import run_episodes
     from mlpo_agents.trainers.run import seeded_team
@@ -100,7 +101,9 @@ def test_seeded_sampling_needs_no_team_swap(tmp_path, team, store):
                  task_name="arithmetic", concurrency=1, progress=False)  # fmt: skip
     assert client.team is team
     leader = [c for c in store.calls() if c.role == "leader"]
-    assert leader and {(c.version, c.sampling.get("seed")) for c in leader} == {("v1", 1234)}
+    # The leader samples with its seed mixed with the question (graphs.nodes.call_seed), from the adapter.
+    expected_seed = question_seed(1234, "leader", tasks[0].id)
+    assert leader and {(c.version, c.sampling.get("seed")) for c in leader} == {("v1", expected_seed)}
 
     other = team.model_copy(update={"model_list": [{"model_name": "tiny", "litellm_params": {"model": "local/x"}}]})
     with pytest.raises(ConfigError, match="deploys other models"):

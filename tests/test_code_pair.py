@@ -14,6 +14,7 @@ import mlpo_agents.rewards as rewards
 from mlpo_agents.config import ConfigError
 from mlpo_agents.graphs import build_topology
 from mlpo_agents.graphs.code_pair import joint_program
+from mlpo_agents.graphs.nodes import question_seed
 from mlpo_agents.runner import run_team
 from mlpo_agents.tasks.base import Task
 from mlpo_agents.testing import ScriptedModel, scripted_team
@@ -156,7 +157,8 @@ def test_each_role_sees_the_task_prompt_and_its_own_job_only(tmp_path):
 
 
 def test_aligned_and_cross_pairs_are_linked_and_seeded_for_distinct_or_shared_samples(tmp_path):
-    # Aligned: main call g is paired with aux g and sampled with seed + g (G distinct samples of one prompt).
+    # Aligned: main call g is paired with aux g and sampled with the question's seed for offset g
+    # (graphs.nodes.call_seed: G distinct streams for one prompt).
     result, store, _, _ = pair_run(
         tmp_path, "aligned", answer(HELPER_CODE), answer(MAIN_CODE), samples=3, seed=10
     )
@@ -165,17 +167,16 @@ def test_aligned_and_cross_pairs_are_linked_and_seeded_for_distinct_or_shared_sa
     mains = [c for c in calls if c.role == "main"]
     assert len(mains) == 3 and {c.parent_call_id for c in mains} == set(helpers)
     assert sorted((helpers[c.parent_call_id].sample_index, c.sampling["seed"]) for c in mains) == [
-        (0, 10),
-        (1, 11),
-        (2, 12),
+        (g, question_seed(10, "main", MBPP.id, 0, g)) for g in range(3)
     ]
-    # Cross: S = 2 main samples per aux, all with the role's seed (the same samples for every aux): G x S.
+    assert len({c.sampling["seed"] for c in mains}) == 3
+    # Cross: S = 2 main samples per aux, all with the question's seed (the same samples for every aux): G x S.
     result, store, _, _ = pair_run(
         tmp_path, "cross", answer(HELPER_CODE), answer(MAIN_CODE), samples=2, main_samples=2, seed=10
     )
     mains = [c for c in store.calls(episode_id=result.episode_id) if c.role == "main"]
     assert len(mains) == 4 and len({c.parent_call_id for c in mains}) == 2
-    assert {c.sampling["seed"] for c in mains} == {10} and {c.sampling["n"] for c in mains} == {2}
+    assert {c.sampling["seed"] for c in mains} == {question_seed(10, "main", MBPP.id)} and {c.sampling["n"] for c in mains} == {2}
 
 
 def test_joint_actions_give_both_agents_the_joint_advantage(tmp_path):

@@ -129,3 +129,32 @@ def test_mermaid_snapshot():
 def test_out_of_range_parameters_are_refused(params):
     with pytest.raises(ValueError, match=next(iter(params))):
         build_topology("leader_peers", **params)
+
+
+def test_seeded_agents_draw_a_stream_per_question_and_round_reproducibly(tmp_path):
+    """A seeded agent's calls are seeded per (agent, question, round): one seed for every question would give every
+    question the same random draws (outcomes correlated across an evaluation)."""
+    tasks = [TASK, Task(id="t/1", question="What is 3+3?", answer="6", kind="math", meta={})]
+
+    def seeds(name, seed):
+        team = scripted_team({"leader": ScriptedModel(f"{name}-l", "<answer>4</answer>"),
+                              "peer": ScriptedModel(f"{name}-p", "<answer>4</answer>")},
+                             params={"peers": 2, "rounds": 2}, name=name)  # fmt: skip
+        for role in team.roles.values():
+            role.sampling.seed = seed
+        store = TraceStore(tmp_path / f"{name}.sqlite")
+        run(team, store, tasks)
+        episodes = {e.episode_id: e.task_id for e in store.episodes()}
+        return {(episodes[c.episode_id], c.agent, c.round): c.sampling.get("seed") for c in store.calls()}
+
+    first = seeds("a", 7)
+    assert len(first) == 2 * 2 * 3  # questions x rounds x (leader + 2 peers)
+    by_agent_round = {}
+    for (_task_id, agent, round_), seed in first.items():
+        by_agent_round.setdefault((agent, round_), set()).add(seed)
+    assert all(len(s) == 2 for s in by_agent_round.values())  # the two questions draw different streams
+    assert len({s for (t, a, r), s in first.items() if t == "t/0" and a == "leader"}) == 2  # rounds differ too
+    assert len({s for (t, a, r), s in first.items() if t == "t/0" and r == 0}) == 3  # peers sharing a role seed too
+    assert seeds("b", 7) == first  # reproducible from the seed
+    assert set(seeds("c", 8).values()).isdisjoint(first.values())
+    assert set(seeds("d", None).values()) == {None}  # unseeded stays unseeded

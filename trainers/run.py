@@ -7,8 +7,9 @@ and hands its step function to `run_training`: evaluation before (step 0), an op
 only, then evaluation after. What every trainer gets from here:
 
 - `step_seed`, `seeded_team`: the one seeding rule. A rollout's seed is `step_seed(run seed, step, salt)`
-  (evaluation: step `EVAL_STEP`); agent i of the seeded team samples with that seed + 7919 i, and the
-  engine adds the sample index, so every agent, step and sample has its own reproducible stream.
+  (evaluation: step `EVAL_STEP`); agent i of the seeded team samples with that seed + 7919 i, each call
+  mixes in the agent, the question and the round (`graphs.nodes.call_seed`), and the engine adds the
+  sample index, so every agent, step, question, round and sample has its own reproducible stream.
 - `RunState`: the state a trainer carries from step to step (question cursor, pools, evaluation, ...), a
   dataclass per trainer, written as JSON into every checkpoint and read back on resume.
 - `Trainee`: what the loop restores, publishes (save + hot-load) and checkpoints each step

@@ -89,6 +89,7 @@ def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) ->
         "seed": args.seed,
         "wall_minutes": round(wall_s / 60, 1),
         "rows": {"team": row},
+        "roles": {"before": before.get("roles", {}), "after": after.get("roles", {})},
         "failed": {"before": before.get("failed", 0), "after": after.get("failed", 0)},
         "tree": {k.removeprefix("tree/"): v for k, v in tree.items() if k.startswith("tree/")},
         "search": {
@@ -103,6 +104,7 @@ def report(result: Any, args: argparse.Namespace, config: Any, wall_s: float) ->
 def markdown(results: dict[str, Any]) -> str:
     """The results table and the tree search's counts as Markdown."""
     from mlpo_agents.report import paired_markdown
+    from mlpo_agents.trainers.malt_eval import roles_markdown
 
     cfg = results["config"]
     title = (
@@ -110,6 +112,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"chain(s), {results['wall_minutes']} min in all, seed {results['seed']}"
     )
     lines = [paired_markdown(title, results["rows"], label="team"), ""]
+    if results.get("roles", {}).get("before"):
+        lines += [roles_markdown(results["roles"]["before"], results["roles"]["after"]), ""]
     tree = results["tree"]
     lines.append(
         f"Tree search: {tree.get('questions')} questions, {tree.get('leaves')} leaves, leaf accuracy "

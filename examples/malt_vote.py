@@ -87,6 +87,7 @@ def vote(run: Path, out: Path, chains: int, temperature: float | None = None, qu
         "seed": config.seed,
         "wall_minutes": round((time.perf_counter() - start) / 60, 1),
         "rows": {"team": row},
+        "roles": {label: r["roles"] for label, r in results.items()},
         "eval": {"chains": chains, "temperature": temperature, "questions": config.eval_questions,
                  "task": config.task, "task_options": config.task_options},
         "wall_s": {label: r["wall_s"] for label, r in results.items()},
@@ -109,6 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     from mlpo_agents.report import command_line, paired_markdown, write_learning_results
+    from mlpo_agents.trainers.malt_eval import roles_markdown
 
     summary = {"command": command_line("examples/malt_vote.py", vars(args)),
                **vote(args.run, args.out, args.eval_chains, args.eval_temperature, args.eval_questions,
@@ -116,7 +118,9 @@ def main() -> None:
     temperature = "the team's temperature" if args.eval_temperature is None else f"T {args.eval_temperature}"
     title = (f"MALT run {args.run}: majority vote of {args.eval_chains} chain(s) at {temperature}, "
              f"{summary['wall_minutes']} min, seed {summary['seed']}")  # fmt: skip
-    write_learning_results(args.out, summary, paired_markdown(title, summary["rows"], label="team") + "\n")
+    table = paired_markdown(title, summary["rows"], label="team")
+    roles = roles_markdown(summary["roles"]["before"], summary["roles"]["after"])
+    write_learning_results(args.out, summary, f"{table}\n\n{roles}\n")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from collections import defaultdict
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from mlpo_agents.testing import ScriptedModel, scripted_team
 from mlpo_agents.trace import TraceStore
 from mlpo_agents.trainers import malt
 from mlpo_agents.trainers.common import load_split
-from mlpo_agents.trainers.malt_eval import team_outcomes
+from mlpo_agents.trainers.malt_eval import role_outcomes, roles_markdown, team_outcomes
 
 # Three chains per question; each question's refiners reply with these texts (in any order):
 #   q1: all strict 4              -> strict vote 4 (right), lenient 4 (right)
@@ -49,7 +50,13 @@ def test_team_outcomes_are_the_strict_vote_and_a_lenient_vote_per_question(tmp_p
     with TraceStore(tmp_path / "traces.sqlite") as store:
         asyncio.run(run_team(team, tasks, store, task_name="unit", progress=False, score_roles=()))
         outcomes = team_outcomes(store, "malt-eval", "unit", tasks)
+        roles = role_outcomes(store, "malt-eval", "unit", tasks)
     assert outcomes.correct == {"q1": 1.0, "q2": 0.0, "q3": 0.0}
+    # Each role's own replies, every chain: the generator is always right, the verifier never answers, the
+    # refiner is right 3 times of 9 (q1's three; "so it is 4" has no strict answer).
+    assert {r: (v["strict"], v["cut"], v["replies"]) for r, v in roles.items()} == {
+        "generator": (1.0, 0.0, 9), "verifier": (0.0, 0.0, 9), "refiner": (pytest.approx(1 / 3), 0.0, 9)
+    }
     assert outcomes.lenient == {"q1": 1.0, "q2": 1.0, "q3": 0.0}
     assert outcomes.lenient_accuracy == pytest.approx(2 / 3) and outcomes.failed == 0
 
@@ -68,7 +75,9 @@ def parity_rewards():
         yield
 
 
-def test_evaluate_on_tiny_pairs_per_question_and_the_report_is_built_from_them(tmp_path, parity_rewards):
+def test_evaluate_on_tiny_pairs_per_question_and_the_report_is_built_from_them(
+    tmp_path, parity_rewards, monkeypatch, capsys
+):
     from mlpo_agents.config import load_team
     from mlpo_agents.models import ModelClient
 
@@ -104,6 +113,23 @@ def test_evaluate_on_tiny_pairs_per_question_and_the_report_is_built_from_them(t
     assert [results["search"][r]["dpo_trained"] for r in malt.ROLES] == [0, 2, 2]  # the generator: SFT only
     table = markdown(results)
     assert f"{gained} / {lost}" in table and "| verifier | 4 | 1 | 3 | 0 | 1 | 2 (2) |" in table
+    for label, evaluation in (("before", before), ("after", after)):  # 8 questions x 2 chains per role
+        assert {r: v["replies"] for r, v in evaluation["roles"].items()} == dict.fromkeys(malt.ROLES, 16)
+        assert results["roles"][label] == evaluation["roles"]
+    verifier = before["roles"]["verifier"]
+    assert f"| verifier | {verifier['strict']:.3f} → " in table
+
+    # examples/malt_roles.py reads the same table back from a run's config and a trace store.
+    from examples import malt_roles
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    monkeypatch.setattr("sys.argv", ["malt_roles.py", "--run", str(run), "--store", str(tmp_path / "traces.sqlite")])
+    malt_roles.main()
+    printed = capsys.readouterr().out
+    assert roles_markdown(before["roles"], after["roles"]) in printed
+    assert json.loads(printed.strip().splitlines()[-1]) == {"before": before["roles"], "after": after["roles"]}
 
 
 def test_malt_vote_refuses_a_folder_that_is_not_a_finished_malt_run(tmp_path):

@@ -72,7 +72,7 @@ from .malt_data import (
     sibling_sets,
     walk,
 )
-from .malt_eval import team_outcomes
+from .malt_eval import role_outcomes, team_outcomes
 from .run import EVAL_STEP, Run, RunState, TrainResult, run_training, seeded_team, step_seed
 from .trl_glue import dpo_rows, fit, sft_rows
 
@@ -280,7 +280,7 @@ def expand_trees(
 def evaluate(config: MALTConfig, team: TeamConfig, client: ModelClient, store: TraceStore, label: str) -> dict[str, Any]:
     """Held-out accuracy of the team as routed now: M chains per question, majority vote (Wilson 95% CI);
     `team_correct` maps each question to its strict 0/1 outcome (for paired tests), `lenient_accuracy`
-    is the lenient figure (`malt_eval`)."""
+    is the lenient figure, `roles` each role's own replies (`malt_eval`)."""
     tasks = load_split(config, "test", config.eval_questions)
     eval_team = gvr_team(
         team,
@@ -298,7 +298,7 @@ def evaluate(config: MALTConfig, team: TeamConfig, client: ModelClient, store: T
     outcomes = team_outcomes(store, eval_team.name, config.task, tasks)
     keys = ("accuracy", "ci_low", "ci_high", "n", "failed", "wall_s", "completion_tokens_per_q")
     return {**{k: getattr(cell, k) for k in keys}, "lenient_accuracy": outcomes.lenient_accuracy,
-            "team_correct": outcomes.correct}  # fmt: skip
+            "team_correct": outcomes.correct, "roles": role_outcomes(store, eval_team.name, config.task, tasks)}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- training

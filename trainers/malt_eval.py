@@ -46,17 +46,53 @@ def chain_key(agent: str) -> int:
     return int(agent.rsplit("-", 1)[1])
 
 
-def team_outcomes(store: TraceStore, team: str, task: str, tasks: Sequence[Task]) -> TeamOutcomes:
-    """Strict and lenient outcomes of `team`'s latest finished episode per question in `tasks`."""
-    by_id = {t.id: t for t in tasks}
+def latest_episodes(store: TraceStore, team: str, task: str, ids: set[str]) -> tuple[dict[str, str], int]:
+    """`team`'s latest finished episode per question id in `ids` (episode id -> task id), and how many
+    questions' latest episode failed (the rule of `eval_cells.cell_from_store`)."""
     latest: dict[str, Any] = {}
-    for ep in store.episodes(task=task, team=team):  # insertion order; the rule of `eval_cells.cell_from_store`
-        if ep.task_id not in by_id or ep.status == "running":
+    for ep in store.episodes(task=task, team=team):  # insertion order
+        if ep.task_id not in ids or ep.status == "running":
             continue
         if ep.status in ("done", "degraded") or latest.get(ep.task_id) is None or latest[ep.task_id].status == "failed":
             latest[ep.task_id] = ep
-    out = TeamOutcomes(failed=sum(ep.status == "failed" for ep in latest.values()))
     done = {ep.episode_id: ep.task_id for ep in latest.values() if ep.status in ("done", "degraded")}
+    return done, sum(ep.status == "failed" for ep in latest.values())
+
+
+def role_outcomes(store: TraceStore, team: str, task: str, tasks: Sequence[Task]) -> dict[str, dict[str, float]]:
+    """Each role's own replies in `team`'s latest finished episodes (every chain): `strict`, the share whose
+    strict answer is right; `cut`, the share stopped at the token cap; `tokens`, mean completion tokens.
+    Which role a gain or a loss of the team comes from."""
+    by_id = {t.id: t for t in tasks}
+    done, _ = latest_episodes(store, team, task, set(by_id))
+    sums: dict[str, list[float]] = {}
+    for c in store.calls(episode_id=list(done)) if done else []:
+        cut = c.finish_reason == "length"
+        right = score_answer(by_id[done[c.episode_id]], extract_answer(c.text, truncated=cut)).value
+        row = sums.setdefault(c.role, [0.0, 0.0, 0.0, 0.0])
+        row[0] += right
+        row[1] += cut
+        row[2] += c.completion_tokens
+        row[3] += 1
+    return {role: {"strict": r / n, "cut": k / n, "tokens": t / n, "replies": int(n)} for role, (r, k, t, n) in sums.items()}
+
+
+def roles_markdown(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """`role_outcomes` before and after training as a Markdown table."""
+    lines = ["| role, its own reply | strict before → after | cut at the cap before → after | tokens before → after |",
+             "|---|---|---|---|"]  # fmt: skip
+    for role, b in before.items():
+        a = after.get(role, {})
+        lines.append(f"| {role} | {b['strict']:.3f} → {a.get('strict', float('nan')):.3f} | {b['cut']:.0%} → "
+                     f"{a.get('cut', float('nan')):.0%} | {b['tokens']:.0f} → {a.get('tokens', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+def team_outcomes(store: TraceStore, team: str, task: str, tasks: Sequence[Task]) -> TeamOutcomes:
+    """Strict and lenient outcomes of `team`'s latest finished episode per question in `tasks`."""
+    by_id = {t.id: t for t in tasks}
+    done, failed = latest_episodes(store, team, task, set(by_id))
+    out = TeamOutcomes(failed=failed)
     if not done:
         return out
     strict = {r.episode_id: r.value for r in store.rewards(episode_id=list(done), name="correct") if r.call_id is None}

@@ -95,11 +95,19 @@ def linked_node(role: str, prompt: Any, samples: int | None) -> Any:
 
 
 def children(state: dict[str, Any], role: str, tree: bool) -> list[dict[str, Any]]:
-    """One payload per output of `role` to build on: sample 0 of each chain, or every sample if `tree`."""
+    """One payload per output of `role` to build on: sample 0 of each chain, or every sample if `tree`.
+    `branch` is the target's place in its tree (answer g: "g", critique c of it: "g.c"), mixed into the
+    call's seed (`nodes.call_seed`): identical answers in one tree still get independent critiques."""
     following = {"generator": "verifier", "verifier": "refiner"}[role]
+    turns, links = state.get("turns", []), state.get("links", {})
+
+    def branch(t: Turn) -> str:
+        parent = find_turn(turns, links[t["call_id"]]) if t["call_id"] in links else None
+        return f"{parent['sample_index']}.{t['sample_index']}" if parent else str(t["sample_index"])
+
     return [
-        {"agent": f"{following}-{t['agent'].rsplit('-', 1)[1]}", "target": t["call_id"]}
-        for t in turns_of(state.get("turns", []), role=role, first_sample_only=not tree)
+        {"agent": f"{following}-{t['agent'].rsplit('-', 1)[1]}", "target": t["call_id"], "branch": branch(t)}
+        for t in turns_of(turns, role=role, first_sample_only=not tree)
     ]
 
 

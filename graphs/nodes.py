@@ -36,12 +36,13 @@ def user(text: str) -> Messages:
     return [{"role": "user", "content": text}]
 
 
-def call_seed(state: dict[str, Any], ctx: TeamContext, agent: str, round_: int, offset: int = 0) -> int | None:
+def call_seed(state: dict[str, Any], ctx: TeamContext, agent: str, round_: int, offset: int | str = 0) -> int | None:
     """The sampling seed of one call: the agent's `sampling.seed` (None: unseeded) mixed with the agent id,
     the question (the task id, else its text), the round and `offset`, so each agent, question and round
     draws its own stream, reproducibly (the engine adds the sample index for n > 1). One seed for every
     question would give every question the same random draws (outcomes correlated across a whole
-    evaluation), and peers sharing their role's seed would write the same proposals."""
+    evaluation), and peers sharing their role's seed would write the same proposals. An agent node passes
+    its `Send` payload's `branch` as `offset` (a fan-out's place in a tree, `gvr.children`)."""
     seed = ctx.client.team.role(agent).sampling.seed
     if seed is None:
         return None
@@ -49,7 +50,7 @@ def call_seed(state: dict[str, Any], ctx: TeamContext, agent: str, round_: int, 
     return question_seed(seed, agent, question, round_, offset)
 
 
-def question_seed(seed: int, agent: str, question: str, round_: int = 0, offset: int = 0) -> int:
+def question_seed(seed: int, agent: str, question: str, round_: int = 0, offset: int | str = 0) -> int:
     """`call_seed`'s rule: a 31-bit seed from (seed, agent, question, round, offset), the same in every process."""
     key = f"{seed}/{agent}/{question}/{round_}/{offset}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big") & 0x7FFFFFFF
@@ -82,7 +83,7 @@ def agent_node(
                 round=round_,
                 n=samples,
                 parent_call_id=parent(state, who) if parent else None,
-                seed=call_seed(state, ctx, who, round_),
+                seed=call_seed(state, ctx, who, round_, state.get("branch", 0)),
             )
         except ModelCallError as e:
             return {"failures": [FailedTurn(agent=who, role=role, round=round_, error=str(e))]}

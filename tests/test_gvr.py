@@ -227,3 +227,22 @@ def test_mermaid_snapshot():
 def test_out_of_range_parameters_are_refused(params):
     with pytest.raises(ValueError, match=next(iter(params))):
         build_topology("gvr", **params)
+
+
+def test_tree_seeds_each_branch_so_identical_answers_get_independent_critiques(store):
+    """Seeded tree calls mix their place in the tree into the seed: two identical answers (or critiques)
+    would otherwise be critiqued (refined) with one seed, i.e. the same samples twice."""
+    gen = ScriptedModel("g10-gen", "<answer>5</answer>")  # both answers identical: identical verifier prompts
+    ver = ScriptedModel("g10-ver", "wrong")
+    ref = ScriptedModel("g10-ref", "<answer>4</answer>")
+    team = gvr_team(
+        "g10", gen, ver, ref, generator_samples=2, verifier_samples=2, refiner_samples=2, tree=True
+    )
+    for role in team.roles.values():
+        role.sampling.seed = 3
+    run(team, store)
+    v, r = store.calls(role="verifier"), store.calls(role="refiner")
+    assert len(set(ver.prompts)) == 1 and len(set(ref.prompts)) == 1  # one prompt per role ...
+    assert len({c.sampling["seed"] for c in v}) == 2  # ... but one seed per verifier call (2 calls x n 2)
+    assert len({c.sampling["seed"] for c in r}) == 4  # and per refiner call (4 calls x n 2)
+    assert len({c.sampling["seed"] for c in v} | {c.sampling["seed"] for c in r}) == 6

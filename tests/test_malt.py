@@ -245,9 +245,11 @@ def tiny_config(tmp_path: Path, **overrides) -> MALTConfig:
 def test_short_malt_run_on_tiny_changes_every_role_adapter_and_serves_it(tmp_path, mixed_rewards):
     from safetensors.torch import load_file
 
-    # Temperature 1 (not the paper's 0.3) so a random tiny model's 2-branch tree has pairs to learn from.
+    # Temperature 1 (not the paper's 0.3) so a random tiny model's 2-branch tree has pairs to learn from, and
+    # 3 questions: the parity grade labels each output by chance, and every role needs a positive (6 answers).
     result = malt.train(
-        tiny_config(tmp_path, eval_questions=1, eval_chains=2, dpo_lr=1e-3, sft_lr=1e-3, tree_temperature=1.0)
+        tiny_config(tmp_path, questions=3, eval_questions=1, eval_chains=2, dpo_lr=1e-3, sft_lr=1e-3,
+                    tree_temperature=1.0)
     )
 
     for role in ("generator", "verifier", "refiner"):

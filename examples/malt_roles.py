@@ -12,7 +12,6 @@ runs made before they did. `--store` reads the evaluation of `malt_vote.py` (its
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -22,18 +21,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a MALT run folder (examples/malt_learning.py --out)")
     parser.add_argument("--store", type=Path, default=None, help="trace store to read (default: the run's)")
     args = parser.parse_args()
-    from examples.malt_vote import load_run_config
-    from mlpo_agents.config import load_team
+    from examples.malt_vote import run_config_and_team
     from mlpo_agents.trace import TraceStore
     from mlpo_agents.trainers.common import load_split
-    from mlpo_agents.trainers.malt import MALTConfig
     from mlpo_agents.trainers.malt_eval import role_outcomes, roles_markdown
 
-    fields = load_run_config(args.run)
-    known = {f.name for f in dataclasses.fields(MALTConfig)}
-    config = MALTConfig(**{k: v for k, v in fields.items() if k in known})
-    own_team = args.run / "team.yaml"
-    team = load_team(str(own_team) if own_team.is_file() else config.team)
+    config, team = run_config_and_team(args.run)
     tasks = load_split(config, "test", config.eval_questions)
     store_path = args.store or args.run / "traces.sqlite"
     if not store_path.is_file():

@@ -34,6 +34,17 @@ def load_run_config(run: Path) -> dict[str, Any]:
     return fields
 
 
+def run_config_and_team(run: Path, **overrides: Any) -> tuple[Any, Any]:
+    """The MALTConfig a finished run recorded (with `overrides`) and the team it ran (its own team.yaml)."""
+    from mlpo_agents.config import load_team
+    from mlpo_agents.trainers.malt import MALTConfig
+
+    known = {f.name for f in dataclasses.fields(MALTConfig)}
+    config = MALTConfig(**{**{k: v for k, v in load_run_config(run).items() if k in known}, **overrides})
+    own_team = run / "team.yaml"  # the run writes its team beside its config; the recorded path is relative
+    return config, load_team(str(own_team) if own_team.is_file() else config.team)
+
+
 def adapter_folders(run: Path, units: dict[str, tuple[str, ...]]) -> dict[str, Path]:
     """Each trained adapter's folder in `run`, refusing a run whose training did not finish."""
     folders = {unit: run / "adapters" / unit for unit in units}
@@ -46,29 +57,18 @@ def adapter_folders(run: Path, units: dict[str, tuple[str, ...]]) -> dict[str, P
 def vote(run: Path, out: Path, chains: int, temperature: float | None = None, questions: int | None = None,
          concurrency: int = 16) -> dict[str, Any]:
     """Evaluate run `run`'s untrained and trained team (majority vote of `chains`) into `out`; the results."""
-    from mlpo_agents.config import load_team
     from mlpo_agents.models import ModelClient
     from mlpo_agents.report import paired_row
     from mlpo_agents.trace import TraceStore
-    from mlpo_agents.trainers.malt import MALTConfig, evaluate, route, units_of
+    from mlpo_agents.trainers.malt import evaluate, route, units_of
 
     if out.resolve() == run.resolve():
         raise SystemExit(f"--out {out} is the run folder: give this evaluation its own folder (the run is only read)")
-    fields = load_run_config(run)
-    known = {f.name for f in dataclasses.fields(MALTConfig)}
-    config = MALTConfig(**{
-        **{k: v for k, v in fields.items() if k in known},
-        "eval_chains": chains,
-        "eval_temperature": temperature,
-        **({} if questions is None else {"eval_questions": questions}),
-        "concurrency": concurrency,
-        "out": str(out),
-        "resume": True,
-    })  # fmt: skip
+    config, team = run_config_and_team(run, eval_chains=chains, eval_temperature=temperature,
+                                       **({} if questions is None else {"eval_questions": questions}),
+                                       concurrency=concurrency, out=str(out), resume=True)  # fmt: skip
     units = units_of(config)
     folders = adapter_folders(run, units)
-    own_team = run / "team.yaml"  # the run writes its team beside its config; the recorded path is relative
-    team = load_team(str(own_team) if own_team.is_file() else config.team)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: dict[str, Any] = {}

@@ -35,6 +35,7 @@ import torch
 
 from mlpo_agents import zoo
 from mlpo_agents.kv_cache import append_cache_rows, concat_caches, fill_order, keep_cache_rows, left_pad_mask
+from mlpo_agents.omp_pools import release_idle_pool
 from mlpo_agents.packed_linear import engine_model, private_copy
 from mlpo_agents.prefill import PrefilledBlock, WavePrompt, prefill_wave
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
@@ -115,6 +116,7 @@ class LocalEngine:
         self._thread = threading.Thread(target=self._worker, name=f"LocalEngine[{self.spec}]", daemon=True)
         self._thread.start()
         _live_engines.add(self)
+        release_idle_pool()  # this thread's OpenMP threads (the model's loading) would slow the worker's
 
     # ------------------------------------------------------------------------------------------- public API
 
@@ -151,6 +153,7 @@ class LocalEngine:
             raise KeyError(
                 f"Adapter {adapter!r} is not loaded; call engine.load_adapter({adapter!r}, path) first"
             )
+        release_idle_pool()  # the caller waits while the worker computes: its idle OpenMP threads must go
         future: concurrent.futures.Future = concurrent.futures.Future()
         request = _Request(ids, params, adapter, future, samples=[None] * params.n, remaining=params.n)
         self._queue.put(request)
@@ -208,6 +211,8 @@ class LocalEngine:
         waiting: list[_Request] = []
         while True:
             block = not self._rows and not waiting
+            if block:  # idle: free the cores for other threads' parallel work (a trainer's update)
+                release_idle_pool()
             try:
                 item = self._queue.get(block=block)
                 while True:

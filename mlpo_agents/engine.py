@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from mlpo_agents import zoo
+from mlpo_agents.fast_decode import FastDecoder, lora_for, lora_rows
 from mlpo_agents.kv_cache import append_cache_rows, concat_caches, fill_order, keep_cache_rows, left_pad_mask
 from mlpo_agents.omp_pools import release_idle_pool
 from mlpo_agents.packed_linear import engine_model, private_copy
@@ -90,6 +91,8 @@ class LocalEngine:
         self.logprobs_mode = logprobs_mode
         model, self.tokenizer = zoo.resolve(spec, dtype=self.dtype)
         self._base_model, self.packed_linears = engine_model(model, self.device, share_weights)
+        self._fast = FastDecoder.build(self._base_model, pack=self.packed_linears > 0)  # decode steps
+        self._fast_lora: dict[str, Any] = {}  # per loaded adapter: its updates for the fast path (None: none)
         # Intra-op threads of the worker thread only (a per-thread setting). Tiny models gain nothing from
         # threads and suffer badly on a busy machine, so they default to one.
         env_threads = os.environ.get("MLPO_ENGINE_THREADS")
@@ -276,9 +279,12 @@ class LocalEngine:
         for param, flag in flags:
             param.requires_grad_(flag)
         self.adapters[name] = path
+        if self._fast is not None:
+            self._fast_lora[name] = lora_for(self._peft_model, name, len(self._fast.layers))
 
     def _do_unload(self, name: str) -> None:
         del self.adapters[name]
+        self._fast_lora.pop(name, None)
         if not self.adapters:
             self._peft_model = None  # back to the clean base model
             return
@@ -289,6 +295,10 @@ class LocalEngine:
         self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]
     ) -> torch.Tensor:
         """One forward; returns the last-position logits (B, V) in float32."""
+        if self._fast is not None and input_ids.shape[1] == 1 and attention_mask.dim() == 4:  # a decode step
+            lora = lora_rows(adapters, self._fast_lora, self.device)
+            if lora is not False:
+                return self._fast.step(input_ids, position_ids, attention_mask, cache, lora)
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -1,0 +1,233 @@
+"""LocalEngine's decode step for Llama-family models (Llama, Qwen2) without transformers' module stack.
+
+A decode step feeds one token per row through every layer. Through transformers' modules that is ~45 small
+ops and a dozen `nn.Module` calls a layer, which on a CPU cost more than the weights they read for a small
+model (SmolLM2-135M bf16, one row: ~30 ms a step, of which reading the weights is ~11 ms). `FastDecoder` runs
+the same arithmetic as plain function calls over the same weights, with q/k/v fused into one matmul and
+gate/up into another (bf16 ones prepacked for oneDNN, see `packed_linear.py`), the rotary embedding applied
+to q and k together, keys and values written straight into the engine's growing cache. The math is
+transformers' own (same RMSNorm formula and dtype casts, same SDPA call), so its outputs match the module
+path's within floating-point summation order; `tests/test_fast_decode.py` pins that.
+
+Rows decoding under a LoRA adapter take the adapter's low-rank updates here too (`lora_for`): per adapter,
+`scale * B(A x)` is added to the rows that use it. Prefill, DoRA and other peft variants, and other
+architectures keep transformers' modules (`FastDecoder.build` returns None). `MLPO_ENGINE_FAST_DECODE=0`
+turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlpo_agents.packed_linear import PackedLinear
+
+SUPPORTED = ("llama", "qwen2")
+
+
+@dataclass
+class _Linear:
+    """A linear layer as the fast path calls it: one oneDNN-packed weight for its fused modules (bf16), or
+    each module's own weight and bias, outputs concatenated (no copy of the weights)."""
+
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]]
+    packed: Any = None
+    bias: torch.Tensor | None = None  # the packed weight's (fused) bias
+    widths: tuple[int, ...] = ()  # each module's share of the output
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+        if len(self.parts) == 1:
+            return F.linear(x, *self.parts[0])
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], dim=-1)
+
+
+def _linear(modules: list[nn.Linear], pack: bool) -> _Linear:
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]] = [
+        (m.weight.detach(), None if m.bias is None else m.bias.detach()) for m in modules
+    ]
+    widths = tuple(w.shape[0] for w, _ in parts)
+    if len(modules) == 1:  # the engine's own packed weight, if it has one
+        return _Linear(parts, getattr(modules[0], "packed_weight", None), parts[0][1], widths)
+    if not pack:
+        return _Linear(parts, widths=widths)
+    weight = torch.cat([w for w, _ in parts]).contiguous()
+    bias = None if parts[0][1] is None else torch.cat([b for _, b in parts if b is not None])
+    return _Linear(parts, torch.ops.mkldnn._reorder_linear_weight(weight, 16), bias, widths)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: _Linear
+    o: _Linear
+    post_norm: torch.Tensor
+    gate_up: _Linear
+    down: _Linear
+
+
+LoraUpdate = tuple[torch.Tensor, torch.Tensor, float]
+"""(A (r, in), B (out, r), scale) of one adapted linear."""
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FastDecoder:
+    """Decode steps of one Llama-family model (see module docstring); `build` says whether it applies."""
+
+    def __init__(self, model: Any, pack: bool) -> None:
+        config, inner = model.config, model.model
+        self.model, self.config = model, config
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.eps = config.rms_norm_eps
+        self.scaling = self.head_dim**-0.5
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    layer.input_layernorm.weight,
+                    _linear([attn.q_proj, attn.k_proj, attn.v_proj], pack),
+                    _linear([attn.o_proj], pack),
+                    layer.post_attention_layernorm.weight,
+                    _linear([mlp.gate_proj, mlp.up_proj], pack),
+                    _linear([mlp.down_proj], pack),
+                )
+            )
+            for module in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                if isinstance(module, PackedLinear):  # fused here: one packed copy of these weights is enough
+                    del module.packed_weight
+                    module.__class__ = nn.Linear
+        self.norm = inner.norm.weight
+        self.lm_head = _linear([model.lm_head], pack)
+
+    @classmethod
+    def build(cls, model: Any, pack: bool) -> FastDecoder | None:
+        """A FastDecoder for `model`, or None when it is not a plain Llama-family decoder (or turned off).
+        `pack`: fuse and prepack bf16 weights for oneDNN (the engine packed its linears)."""
+        config = model.config
+        if os.environ.get("MLPO_ENGINE_FAST_DECODE", "1") == "0":
+            return None
+        plain = (
+            config.model_type in SUPPORTED
+            and getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "mlp_bias", False)
+            and not getattr(config, "use_sliding_window", False)
+            and config._attn_implementation == "sdpa"
+            and all(
+                kind == "full_attention"
+                for kind in getattr(config, "layer_types", None) or ["full_attention"]
+            )
+        )
+        return cls(model, pack) if plain else None
+
+    def _rms(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # transformers' LlamaRMSNorm / Qwen2RMSNorm, op for op (same rounding)
+        hf = h.float()
+        return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        lora: list[tuple[torch.Tensor | None, dict[str, list[LoraUpdate]]]] | None = None,
+    ) -> torch.Tensor:
+        """One token per row: input_ids and position_ids (B, 1), bool mask (B, 1, 1, L) over the cache's columns
+        plus this one; writes the rows' keys and values into `cache`; returns last-position logits (B, V) fp32.
+        `lora`: per adapter, (row indices or None for every row, its updates by module name per layer)."""
+        rows, heads, kv, dim = input_ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        h = self.model.model.embed_tokens(input_ids)
+        cos, sin = self.model.model.rotary_emb(h, position_ids)
+        cos, sin, half = cos[:, None], sin[:, None], dim // 2
+        for i, layer in enumerate(self.layers):
+            x = self._rms(h, layer.input_norm)
+            qkv = _adapted(layer.qkv, x, lora, i, ("q_proj", "k_proj", "v_proj"))
+            t = qkv.view(rows, 1, heads + 2 * kv, dim).transpose(1, 2)
+            qk = t[:, : heads + kv]  # q and k rotated together: (B, H + KV, 1, D)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            keys, values = cache.layers[i].update(qk[:, heads:], t[:, heads + kv :])
+            att = F.scaled_dot_product_attention(
+                qk[:, :heads], keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=heads != kv
+            )
+            att = att.transpose(1, 2).reshape(rows, 1, heads * dim)
+            h = h + _adapted(layer.o, att, lora, i, ("o_proj",))
+            x = self._rms(h, layer.post_norm)
+            gate_up = _adapted(layer.gate_up, x, lora, i, ("gate_proj", "up_proj"))
+            inner = gate_up.shape[-1] // 2
+            y = F.silu(gate_up[..., :inner]) * gate_up[..., inner:]
+            h = h + _adapted(layer.down, y, lora, i, ("down_proj",))
+        return self.lm_head(self._rms(h, self.norm))[:, -1, :].float()
+
+
+def _adapted(linear: _Linear, x: torch.Tensor, lora: Any, layer: int, names: tuple[str, ...]) -> torch.Tensor:
+    """`linear(x)` (the fused modules `names`) plus each adapter's low-rank update on its rows, as peft's
+    mixed-batch forward adds it (input cast to the LoRA weights' dtype, update cast back, then added)."""
+    out = linear(x)
+    for rows, updates in lora or ():
+        if not any(name in updates for name in names):
+            continue
+        xs = x if rows is None else x.index_select(0, rows)
+        parts = []
+        for name, width in zip(names, linear.widths, strict=True):
+            if name not in updates:
+                parts.append(xs.new_zeros(*xs.shape[:-1], width))
+                continue
+            a, b, scale = updates[name][layer]
+            parts.append((F.linear(F.linear(xs.to(a.dtype), a), b) * scale).to(out.dtype))
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        out = out + delta if rows is None else out.index_add(0, rows, delta)
+    return out
+
+
+def lora_for(peft_model: Any, adapter: str, layers: int) -> dict[str, list[LoraUpdate]] | None:
+    """The LoRA updates of `adapter` in `peft_model`, by module name, one per layer; None when the fast path
+    cannot apply it (DoRA, a LoRA bias, a module other than the seven linears, some layers only)."""
+    found: dict[str, dict[int, LoraUpdate]] = {}
+    for path, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or adapter not in lora_a:
+            continue
+        parts = path.split(".")
+        name = parts[-1]
+        if name not in LINEARS or "layers" not in parts:
+            return None
+        if module.use_dora.get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
+            return None
+        index = int(parts[parts.index("layers") + 1])
+        a, b = lora_a[adapter].weight, module.lora_B[adapter].weight
+        found.setdefault(name, {})[index] = (a.detach(), b.detach(), float(module.scaling[adapter]))
+    updates = {
+        name: [by_layer[i] for i in range(layers)]
+        for name, by_layer in found.items()
+        if len(by_layer) == layers
+    }
+    return updates if len(updates) == len(found) else None
+
+
+def lora_rows(adapters: list[str | None], updates: dict[str, Any], device: torch.device) -> Any:
+    """The `lora` argument of `FastDecoder.step` for a batch whose row i uses adapter `adapters[i]` (None: the
+    base model); `updates` holds `lora_for`'s answer per loaded adapter. False when an adapter in the batch
+    cannot take the fast path."""
+    names = set(adapters)
+    if names == {None}:
+        return None
+    batch = []
+    for name in sorted(n for n in names if n is not None):
+        if updates.get(name) is None:
+            return False
+        rows = (
+            None
+            if len(names) == 1
+            else torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device)
+        )
+        batch.append((rows, updates[name]))
+    return batch

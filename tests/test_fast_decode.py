@@ -1,0 +1,138 @@
+"""The engine's fast decode path (mlpo_agents/fast_decode.py) gives what transformers' modules give.
+
+Each test runs the same requests through one engine twice, submitted together (one batch, rows joining and
+leaving): once with the fast path, once with it turned off (`engine._fast = None`, the module path every
+other architecture takes). fp32: equal tokens, logprobs within 1e-4 as in test_engine.py (measured up to 1.2e-5: fused matmuls sum
+in another order). bf16: logprobs within 0.02 nats of each other (one bf16 rounding step in a logit), equal
+greedy tokens on these prompts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlpo_agents import zoo
+from mlpo_agents.engine import LocalEngine
+from mlpo_agents.fast_decode import lora_for
+
+PROMPTS = [
+    [{"role": "user", "content": "What is 3 + 4?"}],
+    [{"role": "system", "content": "You are a peer."}, {"role": "user", "content": "Solve 12 * 3 step by step."}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "the answer is " + "two apples and three eggs " * 6}],
+]
+
+
+def _make_adapter(path, seed: int, targets: list[str], layers: list[int] | None = None) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=layers)
+    peft_model = get_peft_model(zoo.build_tiny_test()[0], config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    peft_model.save_pretrained(path)
+
+
+def _run(eng: LocalEngine, requests: list[tuple[list[dict], str | None]], fast: bool) -> tuple[list, int]:
+    """(results, fast steps taken) of `requests` submitted together, greedy, with the fast path on or off."""
+    saved, steps = eng._fast, [0]
+    if fast:
+        step = saved.step
+
+        def counted(*args, **kwargs):
+            steps[0] += 1
+            return step(*args, **kwargs)
+
+        saved.step = counted
+    else:
+        eng._fast = None
+    try:
+        futures = [eng.submit(m, max_tokens=20, temperature=0, adapter=a) for m, a in requests]
+        return [f.result(timeout=120).samples[0] for f in futures], steps[0]
+    finally:
+        eng._fast = saved
+        if fast:
+            del saved.step
+
+
+def _assert_same(fast: list, slow: list, tol: float) -> None:
+    for f, s in zip(fast, slow, strict=True):
+        assert f.token_ids == s.token_ids
+        assert f.logprobs == pytest.approx(s.logprobs, abs=tol)
+
+
+def test_fast_decode_equals_module_path_fp32():
+    eng = LocalEngine("tiny-test", max_batch_size=8)
+    try:
+        assert eng._fast is not None
+        requests = [(m, None) for m in PROMPTS]
+        fast, steps = _run(eng, requests, fast=True)
+        slow, _ = _run(eng, requests, fast=False)
+        assert steps > 0
+        _assert_same(fast, slow, 1e-4)
+    finally:
+        eng.close()
+
+
+def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
+    eng = LocalEngine("tiny-test", dtype="bfloat16", max_batch_size=8)
+    try:
+        assert eng._fast is not None
+        if eng.packed_linears:  # the fused q/k/v and gate/up are packed by the fast path, not twice
+            attn = eng._base_model.model.layers[0].self_attn
+            assert not hasattr(attn.q_proj, "packed_weight") and hasattr(attn.o_proj, "packed_weight")
+        requests = [(m, None) for m in PROMPTS]
+        fast, steps = _run(eng, requests, fast=True)
+        slow, _ = _run(eng, requests, fast=False)
+        assert steps > 0
+        _assert_same(fast, slow, 0.02)
+    finally:
+        eng.close()
+
+
+def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
+    """Base rows, an adapter on some of the fused modules (k and gate/up without LoRA), and one on all seven,
+    in one batch: the fast path adds each adapter's update to its own rows exactly as peft does."""
+    _make_adapter(tmp_path / "some", 1, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    everything = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    _make_adapter(tmp_path / "all", 2, everything)
+    eng = LocalEngine("tiny-test", max_batch_size=8)
+    try:
+        eng.load_adapter("some", tmp_path / "some")
+        eng.load_adapter("all", tmp_path / "all")
+        assert eng._fast_lora["some"] is not None and eng._fast_lora["all"] is not None
+        requests = [(PROMPTS[1], None), (PROMPTS[1], "some"), (PROMPTS[1], "all"), (PROMPTS[3], "some")]
+        fast, steps = _run(eng, requests, fast=True)
+        slow, _ = _run(eng, requests, fast=False)
+        assert steps > 0
+        assert len({tuple(s.token_ids) for s in fast[:3]}) == 3  # the adapters change the output
+        _assert_same(fast, slow, 1e-4)
+        # One adapter on every row (no row selection), then after one adapter is unloaded.
+        alone, _ = _run(eng, [(m, "all") for m in PROMPTS[:2]], fast=True)
+        _assert_same(alone, _run(eng, [(m, "all") for m in PROMPTS[:2]], fast=False)[0], 1e-4)
+        eng.unload_adapter("all")
+        assert "all" not in eng._fast_lora
+    finally:
+        eng.close()
+
+
+def test_an_adapter_the_fast_path_cannot_apply_takes_the_module_path(tmp_path):
+    """An adapter on the first layer only (the fast path's updates cover every layer or none)."""
+    _make_adapter(tmp_path / "first", 3, ["q_proj", "v_proj"], layers=[0])
+    eng = LocalEngine("tiny-test", max_batch_size=8)
+    try:
+        eng.load_adapter("first", tmp_path / "first")
+        assert eng._fast_lora["first"] is None
+        assert lora_for(eng._peft_model, "first", len(eng._fast.layers)) is None
+        requests = [(PROMPTS[0], None), (PROMPTS[1], "first")]
+        fast, steps = _run(eng, requests, fast=True)
+        slow, _ = _run(eng, requests, fast=False)
+        _assert_same(fast, slow, 1e-4)
+        # Steps with the adapter's row go through peft; only steps after it finished could take the fast path.
+        assert steps < sum(len(s.token_ids) for s in fast)
+    finally:
+        eng.close()

@@ -104,7 +104,7 @@ class FastDecoder:
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                 if isinstance(module, PackedLinear):  # fused here: one packed copy of these weights is enough
                     del module.packed_weight
-                    module.__class__ = nn.Linear
+                    module.__class__ = nn.Linear  # type: ignore[assignment]
         self.norm = inner.norm.weight
         self.lm_head = _linear([model.lm_head], pack)
 

@@ -13,7 +13,8 @@ what vLLM returns by default (``logprobs_mode="raw_logprobs"``) and what a fresh
 prompt + completion reproduces, which is how trainers use them. Pass ``logprobs_mode="processed"`` to
 get logprobs under the temperature-scaled distribution instead (top-p truncation is never included).
 
-The litellm provider ``local/<spec>[@<adapter>]`` is in ``providers.py``; the batch's KV cache in ``kv_cache.py``.
+The litellm provider ``local/<spec>[@<adapter>]`` is in ``providers.py``; the batch's KV cache in ``kv_cache.py``;
+decode steps of Llama-family models in ``fast_decode.py`` (others, and prefill, through transformers' modules).
 """
 
 from __future__ import annotations

@@ -1,0 +1,84 @@
+"""Milliseconds per decode step by batch rows: the engine's fast decode path vs transformers' modules.
+
+One engine, the same prompts (GSM8K questions as 3 peers ask them), admitted together and decoded greedily in
+this thread; each row count is timed with the fast path (`mlpo_agents/fast_decode.py`) and with it turned
+off, alternating, after warm-up steps. A step is one token for every row (sampling and bookkeeping included).
+"modules" is the same engine with its fast path off: its q/k/v and gate/up linears are then not prepacked (the
+fast path holds the one packed copy), so it is slower than the module path of an engine built with
+`MLPO_ENGINE_FAST_DECODE=0`; run the script's "modules" column under that variable for that comparison.
+
+    python benchmarks/bench_decode_step.py --spec smollm2-135m --dtype bfloat16 --rows 1 4 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from bench_engine import DATA, build_prompts
+
+from mlpo_agents.engine import LocalEngine, _Request
+from mlpo_agents.sampling import SamplingParams
+
+
+def ms_per_step(engine: LocalEngine, prompt_ids: list[list[int]], steps: int, warmup: int = 3) -> float:
+    """Admit the prompts as one wave, decode `warmup` steps, then time `steps` steps; ms per step."""
+    engine._reset_batch()
+    params = SamplingParams(max_tokens=steps + warmup + 2, temperature=0)
+    requests = [
+        _Request(ids, params, None, concurrent.futures.Future(), samples=[None], remaining=1)
+        for ids in prompt_ids
+    ]
+    with torch.inference_mode():
+        engine._admit(requests)
+        for _ in range(warmup):
+            engine._decode_step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine._decode_step()
+        elapsed = time.perf_counter() - start
+        engine._reset_batch()
+    return elapsed / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="smollm2-135m")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    prompts = build_prompts(max(args.rows), DATA)
+    engine = LocalEngine(args.spec, dtype=args.dtype, max_batch_size=max(32, *args.rows))
+    engine.close()  # timed here, in this thread
+    engine.eos_token_ids = frozenset()  # every row decodes every timed step
+    if engine._fast is None:
+        raise SystemExit(f"{args.spec} has no fast decode path (not a Llama-family model, or turned off)")
+    prompt_ids = [engine.encode_messages(m) for m in prompts]
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    fast, results = engine._fast, []
+    for rows in args.rows:
+        times = {}
+        for path in ("fast", "modules", "fast", "modules"):  # alternating; the second of each is kept
+            engine._fast = fast if path == "fast" else None
+            times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps)
+        engine._fast = fast
+        results.append({"rows": rows, "fast_ms": times["fast"], "modules_ms": times["modules"]})
+        print(
+            f"{args.spec} {args.dtype} rows {rows:2d}: fast {times['fast']:6.1f} ms/step, "
+            f"modules {times['modules']:6.1f} ms/step ({times['modules'] / times['fast']:.2f}x)",
+            flush=True,
+        )
+    print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"spec": args.spec, "dtype": args.dtype, "steps": results}))
+
+
+if __name__ == "__main__":
+    main()

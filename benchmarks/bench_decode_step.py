@@ -5,7 +5,7 @@ this thread; each row count is timed with the fast path (`mlpo_agents/fast_decod
 off, alternating, after warm-up steps. A step is one token for every row (sampling and bookkeeping included).
 "modules" is the same engine with its fast path off: its q/k/v and gate/up linears are then not prepacked (the
 fast path holds the one packed copy), so it is slower than the module path of an engine built with
-`MLPO_ENGINE_FAST_DECODE=0`; run the script's "modules" column under that variable for that comparison.
+`MLPO_ENGINE_FAST_DECODE=0`: under that variable the script times that module path alone.
 
     python benchmarks/bench_decode_step.py --spec smollm2-135m --dtype bfloat16 --rows 1 4 16
 """
@@ -58,23 +58,20 @@ def main() -> None:
     engine = LocalEngine(args.spec, dtype=args.dtype, max_batch_size=max(32, *args.rows))
     engine.close()  # timed here, in this thread
     engine.eos_token_ids = frozenset()  # every row decodes every timed step
-    if engine._fast is None:
-        raise SystemExit(f"{args.spec} has no fast decode path (not a Llama-family model, or turned off)")
     prompt_ids = [engine.encode_messages(m) for m in prompts]
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     fast, results = engine._fast, []
     for rows in args.rows:
         times = {}
-        for path in ("fast", "modules", "fast", "modules"):  # alternating; the second of each is kept
+        paths = ("fast", "modules") if fast is not None else ("modules",)  # no fast path: modules alone
+        for path in paths * 2:  # alternating; the second of each is kept
             engine._fast = fast if path == "fast" else None
             times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps)
         engine._fast = fast
-        results.append({"rows": rows, "fast_ms": times["fast"], "modules_ms": times["modules"]})
-        print(
-            f"{args.spec} {args.dtype} rows {rows:2d}: fast {times['fast']:6.1f} ms/step, "
-            f"modules {times['modules']:6.1f} ms/step ({times['modules'] / times['fast']:.2f}x)",
-            flush=True,
-        )
+        results.append({"rows": rows, **{f"{path}_ms": ms for path, ms in times.items()}})
+        line = ", ".join(f"{path} {ms:6.1f} ms/step" for path, ms in times.items())
+        ratio = f" ({times['modules'] / times['fast']:.2f}x)" if "fast" in times else ""
+        print(f"{args.spec} {args.dtype} rows {rows:2d}: {line}{ratio}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"spec": args.spec, "dtype": args.dtype, "steps": results}))

@@ -11,7 +11,7 @@ exercise the real Router, ModelClient and TraceStore. It records every prompt it
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mlpo_agents.config import TeamConfig, parse_team
@@ -109,3 +109,24 @@ def scripted_team(
         },
         f"scripted team {name!r}",
     )
+
+
+def save_tiny_adapter(
+    path: Any, seed: int, targets: Sequence[str] = ("q_proj", "v_proj", "o_proj", "down_proj"),
+    layers: Sequence[int] | None = None,
+) -> None:  # fmt: skip
+    """Save a LoRA adapter of tiny-test whose B matrices are seeded random (so it changes the outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mlpo_agents import zoo
+
+    layer_list = None if layers is None else list(layers)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), layers_to_transform=layer_list)
+    peft_model = get_peft_model(zoo.build_tiny_test()[0], config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(path)

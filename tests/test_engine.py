@@ -22,6 +22,7 @@ from mlpo_agents.engine import LocalEngine
 from mlpo_agents.engines import get_engine, parse_local_model
 from mlpo_agents.prefill import MAX_FORWARD_TOKENS, plan_forwards
 from mlpo_agents.providers import register_local_provider
+from mlpo_agents.testing import save_tiny_adapter
 
 PROMPTS = [
     [{"role": "user", "content": "What is 3 + 4?"}],
@@ -125,20 +126,6 @@ def test_eos_finishes_with_stop(engine):
     assert result.prompt_token_ids == [1, 5, 6]
 
 
-def _make_adapter(path, seed: int) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    base = zoo.build_tiny_test()[0]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    peft_model = get_peft_model(base, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(path)
-
-
 def test_adapters_switch_outputs_and_base_is_unchanged(tmp_path):
     model, _ = zoo.resolve("tiny-test")  # the zoo model, whose weights the engine shares
     frozen_by_others = [p.requires_grad for p in model.parameters()]  # a trainer in this process freezes them
@@ -148,8 +135,8 @@ def test_adapters_switch_outputs_and_base_is_unchanged(tmp_path):
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
         base_before = eng.generate(PROMPTS[1], max_tokens=16, temperature=0).samples[0].token_ids
-        _make_adapter(tmp_path / "a1", seed=1)
-        _make_adapter(tmp_path / "a2", seed=2)
+        save_tiny_adapter(tmp_path / "a1", seed=1)
+        save_tiny_adapter(tmp_path / "a2", seed=2)
         eng.load_adapter("a1", tmp_path / "a1")
         eng.load_adapter("a2", tmp_path / "a2")
         # peft's layers wrap the engine's own modules over the same weights: no copy of the base model,
@@ -220,7 +207,7 @@ def test_litellm_router_returns_vllm_shape(tmp_path):
 
     assert sum(1 for p in litellm.custom_provider_map if p["provider"] == "local") == 1
     engine = get_engine("tiny-test")
-    _make_adapter(tmp_path / "v1", seed=3)
+    save_tiny_adapter(tmp_path / "v1", seed=3)
     engine.load_adapter("v1", tmp_path / "v1")
     router = litellm.Router(
         model_list=[
@@ -363,8 +350,8 @@ def test_mixed_adapters_in_one_prefill(tmp_path):
     identical prompt under another adapter is not shared."""
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
-        _make_adapter(tmp_path / "a1", seed=1)
-        _make_adapter(tmp_path / "a2", seed=2)
+        save_tiny_adapter(tmp_path / "a1", seed=1)
+        save_tiny_adapter(tmp_path / "a2", seed=2)
         eng.load_adapter("a1", tmp_path / "a1")
         eng.load_adapter("a2", tmp_path / "a2")
         wave = [(PROMPTS[1], None), (PROMPTS[1], "a1"), (PROMPTS[1], "a2"), (PROMPTS[4], "a1")]

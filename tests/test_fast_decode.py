@@ -10,11 +10,10 @@ greedy tokens on these prompts.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from mlpo_agents import zoo
 from mlpo_agents.engine import LocalEngine
 from mlpo_agents.fast_decode import lora_for
+from mlpo_agents.testing import save_tiny_adapter
 
 PROMPTS = [
     [{"role": "user", "content": "What is 3 + 4?"}],
@@ -22,19 +21,6 @@ PROMPTS = [
     [{"role": "user", "content": "hi"}],
     [{"role": "user", "content": "the answer is " + "two apples and three eggs " * 6}],
 ]
-
-
-def _make_adapter(path, seed: int, targets: list[str], layers: list[int] | None = None) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, layers_to_transform=layers)
-    peft_model = get_peft_model(zoo.build_tiny_test()[0], config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    peft_model.save_pretrained(path)
 
 
 def _run(eng: LocalEngine, requests: list[tuple[list[dict], str | None]], fast: bool) -> tuple[list, int]:
@@ -97,9 +83,9 @@ def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
 def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
     """Base rows, an adapter on some of the fused modules (k and gate/up without LoRA), and one on all seven,
     in one batch: the fast path adds each adapter's update to its own rows exactly as peft does."""
-    _make_adapter(tmp_path / "some", 1, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    save_tiny_adapter(tmp_path / "some", 1, ["q_proj", "v_proj", "o_proj", "down_proj"])
     everything = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    _make_adapter(tmp_path / "all", 2, everything)
+    save_tiny_adapter(tmp_path / "all", 2, everything)
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
         eng.load_adapter("some", tmp_path / "some")
@@ -122,7 +108,7 @@ def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
 
 def test_an_adapter_the_fast_path_cannot_apply_takes_the_module_path(tmp_path):
     """An adapter on the first layer only (the fast path's updates cover every layer or none)."""
-    _make_adapter(tmp_path / "first", 3, ["q_proj", "v_proj"], layers=[0])
+    save_tiny_adapter(tmp_path / "first", 3, ["q_proj", "v_proj"], layers=[0])
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
         eng.load_adapter("first", tmp_path / "first")

@@ -15,7 +15,8 @@ from torch import nn
 from mlpo_agents import zoo
 from mlpo_agents.engine import LocalEngine
 from mlpo_agents.packed_linear import PackedLinear, can_pack, pack_linears, private_copy
-from tests.test_engine import PROMPTS, _make_adapter
+from mlpo_agents.testing import save_tiny_adapter
+from tests.test_engine import PROMPTS
 
 pytestmark = pytest.mark.skipif(
     not can_pack(torch.bfloat16, torch.device("cpu")), reason="this CPU's oneDNN has no bf16 kernels"
@@ -63,7 +64,7 @@ def test_engine_packs_its_own_modules_and_adapters_still_load(tmp_path):
         engine_weight = eng._base_model.model.layers[0].self_attn.q_proj.weight
         assert engine_weight is shared.model.layers[0].self_attn.q_proj.weight  # weights shared, not copied
         base = eng.generate(PROMPTS[1], max_tokens=12, temperature=0).samples[0].token_ids
-        _make_adapter(tmp_path / "a1", seed=1)
+        save_tiny_adapter(tmp_path / "a1", seed=1)
         eng.load_adapter("a1", tmp_path / "a1")
         tuned = eng.generate(PROMPTS[1], max_tokens=12, temperature=0, adapter="a1").samples[0].token_ids
         assert tuned != base

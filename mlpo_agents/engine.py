@@ -120,7 +120,7 @@ class LocalEngine:
         self._thread = threading.Thread(target=self._worker, name=f"LocalEngine[{self.spec}]", daemon=True)
         self._thread.start()
         _live_engines.add(self)
-        release_idle_pool()  # this thread's OpenMP threads (the model's loading) would slow the worker's
+        release_idle_pool()  # this thread's OpenMP threads (a bf16 conversion's) would slow the worker's
 
     # ------------------------------------------------------------------------------------------- public API
 

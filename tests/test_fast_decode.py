@@ -17,7 +17,10 @@ from mlpo_agents.testing import save_tiny_adapter
 
 PROMPTS = [
     [{"role": "user", "content": "What is 3 + 4?"}],
-    [{"role": "system", "content": "You are a peer."}, {"role": "user", "content": "Solve 12 * 3 step by step."}],
+    [
+        {"role": "system", "content": "You are a peer."},
+        {"role": "user", "content": "Solve 12 * 3 step by step."},
+    ],
     [{"role": "user", "content": "hi"}],
     [{"role": "user", "content": "the answer is " + "two apples and three eggs " * 6}],
 ]

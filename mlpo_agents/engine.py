@@ -296,7 +296,7 @@ class LocalEngine:
         self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]
     ) -> torch.Tensor:
         """One forward; returns the last-position logits (B, V) in float32."""
-        if self._fast is not None and input_ids.shape[1] == 1 and attention_mask.dim() == 4:  # a decode step
+        if self._fast is not None and attention_mask is not None and attention_mask.dim() == 4:  # a decode step
             lora = lora_rows(adapters, self._fast_lora, self.device)
             if lora is not False:
                 return self._fast.step(input_ids, position_ids, attention_mask, cache, lora)

@@ -14,16 +14,9 @@ import pytest
 from mlpo_agents.engine import LocalEngine
 from mlpo_agents.fast_decode import lora_for
 from mlpo_agents.testing import save_tiny_adapter
+from tests.test_engine import PROMPTS as ENGINE_PROMPTS
 
-PROMPTS = [
-    [{"role": "user", "content": "What is 3 + 4?"}],
-    [
-        {"role": "system", "content": "You are a peer."},
-        {"role": "user", "content": "Solve 12 * 3 step by step."},
-    ],
-    [{"role": "user", "content": "hi"}],
-    [{"role": "user", "content": "the answer is " + "two apples and three eggs " * 6}],
-]
+PROMPTS = ENGINE_PROMPTS[:4]  # short, two-turn, one-word and long prompts
 
 
 def _run(eng: LocalEngine, requests: list[tuple[list[dict], str | None]], fast: bool) -> tuple[list, int]:

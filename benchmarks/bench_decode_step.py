@@ -60,14 +60,14 @@ def main() -> None:
     engine.eos_token_ids = frozenset()  # every row decodes every timed step
     prompt_ids = [engine.encode_messages(m) for m in prompts]
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
-    fast, results = engine._fast, []
+    fast, results = engine._lora.fast, []
     for rows in args.rows:
         times = {}
         paths = ("fast", "modules") if fast is not None else ("modules",)  # no fast path: modules alone
         for path in paths * 2:  # alternating; the second of each is kept
-            engine._fast = fast if path == "fast" else None
+            engine._lora.fast = fast if path == "fast" else None
             times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps)
-        engine._fast = fast
+        engine._lora.fast = fast
         results.append({"rows": rows, **{f"{path}_ms": ms for path, ms in times.items()}})
         line = ", ".join(f"{path} {ms:6.1f} ms/step" for path, ms in times.items())
         ratio = f" ({times['modules'] / times['fast']:.2f}x)" if "fast" in times else ""

@@ -35,17 +35,15 @@ from typing import Any
 import torch
 
 from mlpo_agents import zoo
-from mlpo_agents.fast_decode import FastDecoder, lora_for, lora_rows
+from mlpo_agents.engine_lora import BASE_ADAPTER, EngineLora
+from mlpo_agents.fast_decode import FastDecoder
 from mlpo_agents.kv_cache import append_cache_rows, concat_caches, fill_order, keep_cache_rows, left_pad_mask
 from mlpo_agents.omp_pools import release_idle_pool
-from mlpo_agents.packed_linear import engine_model, private_copy
+from mlpo_agents.packed_linear import engine_model
 from mlpo_agents.prefill import PrefilledBlock, WavePrompt, prefill_wave
 from mlpo_agents.sampling import GenerationResult, Sample, SamplingParams, sample_tokens
 
 __all__ = ["GenerationResult", "LocalEngine", "Sample", "SamplingParams"]
-
-BASE_ADAPTER = "__base__"
-"""peft's name for "no adapter" in a mixed-adapter batch."""
 
 
 @dataclass
@@ -92,8 +90,9 @@ class LocalEngine:
         self.logprobs_mode = logprobs_mode
         model, self.tokenizer = zoo.resolve(spec, dtype=self.dtype)
         self._base_model, self.packed_linears = engine_model(model, self.device, share_weights)
-        self._fast = FastDecoder.build(self._base_model, pack=self.packed_linears > 0)  # decode steps
-        self._fast_lora: dict[str, Any] = {}  # per loaded adapter: its updates for the fast path (None: none)
+        self._lora = EngineLora(
+            self._base_model, FastDecoder.build(self._base_model, self.packed_linears > 0)
+        )
         # Intra-op threads of the worker thread only (a per-thread setting). Tiny models gain nothing from
         # threads and suffer badly on a busy machine, so they default to one.
         env_threads = os.environ.get("MLPO_ENGINE_THREADS")
@@ -102,8 +101,7 @@ class LocalEngine:
         if num_threads is None and self._base_model.num_parameters() < 10_000_000:
             num_threads = 1
         self.num_threads = num_threads
-        self._peft_model: Any = None
-        self.adapters: dict[str, str] = {}
+        self.adapters = self._lora.paths  # loaded adapter -> its folder (read-only outside the worker)
         eos = self._base_model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -254,7 +252,7 @@ class LocalEngine:
                 keep.append((kind, args, future))
                 continue
             try:
-                (self._do_load if kind == "load" else self._do_unload)(*args)
+                (self._lora.load if kind == "load" else self._lora.unload)(*args)
                 future.set_result(None)
             except Exception as exc:
                 future.set_exception(exc)
@@ -262,61 +260,9 @@ class LocalEngine:
             with self._commands_lock:
                 self._commands[:0] = keep
 
-    def _do_load(self, name: str, path: str) -> None:
-        from peft import PeftModel
-
-        if name in self.adapters:
-            self._peft_model.delete_adapter(name)
-            del self.adapters[name]
-        # peft injects LoRA layers into modules of the engine's own that share the weights (no second copy),
-        # and freezes the base parameters: their flags are put back (the zoo model shares them).
-        flags = [(param, param.requires_grad) for param in self._base_model.parameters()]
-        if self._peft_model is None:
-            base = private_copy(self._base_model)
-            self._peft_model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=False)
-            self._peft_model.eval()
-        else:
-            self._peft_model.load_adapter(path, adapter_name=name, is_trainable=False)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        self.adapters[name] = path
-        if self._fast is not None:
-            self._fast_lora[name] = lora_for(self._peft_model, name, len(self._fast.layers))
-
-    def _do_unload(self, name: str) -> None:
-        del self.adapters[name]
-        self._fast_lora.pop(name, None)
-        if not self.adapters:
-            self._peft_model = None  # back to the clean base model
-            return
-        self._peft_model.set_adapter(next(iter(self.adapters)))
-        self._peft_model.delete_adapter(name)
-
-    def _forward(
-        self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]
-    ) -> torch.Tensor:
-        """One forward; returns the last-position logits (B, V) in float32."""
-        if self._fast is not None and attention_mask is not None and attention_mask.dim() == 4:  # a decode step
-            lora = lora_rows(adapters, self._fast_lora, self.device)
-            if lora is not False:
-                return self._fast.step(input_ids, position_ids, attention_mask, cache, lora)
-        kwargs: dict[str, Any] = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        if self._peft_model is None:
-            out = self._base_model(**kwargs)
-        else:
-            # Per-row adapters through peft's mixed-batch LoRA forward ("__base__" rows skip LoRA).
-            lora_model = self._peft_model.base_model
-            names = [a if a is not None else BASE_ADAPTER for a in adapters]
-            with lora_model._enable_peft_forward_hooks(adapter_names=names):
-                out = lora_model.model(**kwargs)
-        return out.logits[:, -1, :].float()
+    def _forward(self, *args: Any) -> torch.Tensor:
+        """One forward (input_ids, attention_mask, position_ids, cache, adapters): last-position logits (B, V)."""
+        return self._lora.forward(*args)
 
     def _admit(self, waiting: list[_Request]) -> list[_Request]:
         """Prefill requests that fit in the batch and merge them into it; return those that must wait."""
@@ -359,7 +305,9 @@ class LocalEngine:
     def _merge(self, blocks: list[PrefilledBlock], wave: list[_Request]) -> None:
         """Append prefilled blocks to the running batch (in place, or in one rebuild), left-padded to a common width."""
         caches, running = [block.cache for block in blocks], [] if self._cache is None else [self._cache]
-        masks = [self._mask, *(block.mask for block in blocks)] if running else [block.mask for block in blocks]
+        masks = (
+            [self._mask, *(block.mask for block in blocks)] if running else [block.mask for block in blocks]
+        )
         width = max(mask.shape[1] for mask in masks)
         if not running or not append_cache_rows(self._cache, caches, width):
             self._cache = concat_caches(self._base_model.config, running + caches, width, self.max_batch_size)

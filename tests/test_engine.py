@@ -141,7 +141,7 @@ def test_adapters_switch_outputs_and_base_is_unchanged(tmp_path):
         eng.load_adapter("a2", tmp_path / "a2")
         # peft's layers wrap the engine's own modules over the same weights: no copy of the base model,
         # and the zoo model's parameters are left as they were (not frozen by peft).
-        q_proj = eng._peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        q_proj = eng._lora.peft_model.base_model.model.model.layers[0].self_attn.q_proj
         assert q_proj.base_layer.weight is model.model.layers[0].self_attn.q_proj.weight
         assert [p.requires_grad for p in model.parameters()] == flags
         solo = {
@@ -269,7 +269,7 @@ def _one_wave(engine):
         entered.set()
         release.wait(60)
 
-    engine._do_load = hold
+    engine._lora.load = hold
     holder = threading.Thread(target=engine._run_command, args=("load", ("hold", "")))
     holder.start()
     assert entered.wait(60)
@@ -278,7 +278,7 @@ def _one_wave(engine):
     finally:
         release.set()
         holder.join(60)
-        del engine._do_load
+        del engine._lora.load
 
 
 def _stats_delta(engine, before):

@@ -1,7 +1,7 @@
 """The engine's fast decode path (mlpo_agents/fast_decode.py) gives what transformers' modules give.
 
 Each test runs the same requests through one engine twice, submitted together (one batch, rows joining and
-leaving): once with the fast path, once with it turned off (`engine._fast = None`, the module path every
+leaving): once with the fast path, once with it turned off (`engine._lora.fast = None`, the module path every
 other architecture takes). fp32: equal tokens, logprobs within 1e-4 as in test_engine.py (measured up to
 1.2e-5: fused matmuls sum in another order). bf16: the first 10 greedy tokens equal and logprobs within 0.06 nats along the common prefix
 (a logit of magnitude 4-8 has a bf16 spacing of 0.03-0.06; measured up to 0.024, one intra-op thread).
@@ -21,7 +21,7 @@ PROMPTS = ENGINE_PROMPTS[:4]  # short, two-turn, one-word and long prompts
 
 def _run(eng: LocalEngine, requests: list[tuple[list[dict], str | None]], fast: bool) -> tuple[list, int]:
     """(results, fast steps taken) of `requests` submitted together, greedy, with the fast path on or off."""
-    saved, steps = eng._fast, [0]
+    saved, steps = eng._lora.fast, [0]
     if fast:
         step = saved.step
 
@@ -31,12 +31,12 @@ def _run(eng: LocalEngine, requests: list[tuple[list[dict], str | None]], fast: 
 
         saved.step = counted
     else:
-        eng._fast = None
+        eng._lora.fast = None
     try:
         futures = [eng.submit(m, max_tokens=20, temperature=0, adapter=a) for m, a in requests]
         return [f.result(timeout=120).samples[0] for f in futures], steps[0]
     finally:
-        eng._fast = saved
+        eng._lora.fast = saved
         if fast:
             del saved.step
 
@@ -50,7 +50,7 @@ def _assert_same(fast: list, slow: list, tol: float) -> None:
 def test_fast_decode_equals_module_path_fp32():
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
-        assert eng._fast is not None
+        assert eng._lora.fast is not None
         requests = [(m, None) for m in PROMPTS]
         fast, steps = _run(eng, requests, fast=True)
         slow, _ = _run(eng, requests, fast=False)
@@ -58,14 +58,14 @@ def test_fast_decode_equals_module_path_fp32():
         _assert_same(fast, slow, 1e-4)
         # A one-token prompt: its prefill is a one-token forward without a mask (the module path's).
         one = eng.generate(prompt_token_ids=[5], max_tokens=6, temperature=0).samples[0]
-        saved, eng._fast = eng._fast, None
+        saved, eng._lora.fast = eng._lora.fast, None
         try:
             assert (
                 eng.generate(prompt_token_ids=[5], max_tokens=6, temperature=0).samples[0].token_ids
                 == one.token_ids
             )
         finally:
-            eng._fast = saved
+            eng._lora.fast = saved
     finally:
         eng.close()
 
@@ -73,7 +73,7 @@ def test_fast_decode_equals_module_path_fp32():
 def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
     eng = LocalEngine("tiny-test", dtype="bfloat16", max_batch_size=8)
     try:
-        assert eng._fast is not None
+        assert eng._lora.fast is not None
         if eng.packed_linears:  # the fused q/k/v and gate/up are packed by the fast path, not twice
             attn = eng._base_model.model.layers[0].self_attn
             assert not hasattr(attn.q_proj, "packed_weight") and hasattr(attn.o_proj, "packed_weight")
@@ -102,7 +102,7 @@ def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
     try:
         eng.load_adapter("some", tmp_path / "some")
         eng.load_adapter("all", tmp_path / "all")
-        assert eng._fast_lora["some"] is not None and eng._fast_lora["all"] is not None
+        assert eng._lora.fast_updates["some"] is not None and eng._lora.fast_updates["all"] is not None
         requests = [(PROMPTS[1], None), (PROMPTS[1], "some"), (PROMPTS[1], "all"), (PROMPTS[3], "some")]
         fast, steps = _run(eng, requests, fast=True)
         slow, _ = _run(eng, requests, fast=False)
@@ -113,7 +113,7 @@ def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
         alone, _ = _run(eng, [(m, "all") for m in PROMPTS[:2]], fast=True)
         _assert_same(alone, _run(eng, [(m, "all") for m in PROMPTS[:2]], fast=False)[0], 1e-4)
         eng.unload_adapter("all")
-        assert "all" not in eng._fast_lora
+        assert "all" not in eng._lora.fast_updates
     finally:
         eng.close()
 
@@ -124,8 +124,8 @@ def test_an_adapter_the_fast_path_cannot_apply_takes_the_module_path(tmp_path):
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
         eng.load_adapter("first", tmp_path / "first")
-        assert eng._fast_lora["first"] is None
-        assert lora_for(eng._peft_model, "first", len(eng._fast.layers)) is None
+        assert eng._lora.fast_updates["first"] is None
+        assert lora_for(eng._lora.peft_model, "first", len(eng._lora.fast.layers)) is None
         requests = [(PROMPTS[0], None), (PROMPTS[1], "first")]
         fast, steps = _run(eng, requests, fast=True)
         slow, _ = _run(eng, requests, fast=False)

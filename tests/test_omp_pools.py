@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -69,11 +70,10 @@ def test_engine_releases_the_builders_the_callers_and_its_own_idle_pool(monkeypa
         caller.start()
         caller.join()
         assert "caller" in calls  # the caller waits on the worker
-        deadline = threading.Event()
         for _ in range(100):  # the worker goes idle once the request is done
             if engine._thread.name in calls:
                 break
-            deadline.wait(0.01)
+            time.sleep(0.01)
         assert engine._thread.name in calls
     finally:
         engine.close()

@@ -14,7 +14,7 @@ prompt + completion reproduces, which is how trainers use them. Pass ``logprobs_
 get logprobs under the temperature-scaled distribution instead (top-p truncation is never included).
 
 The litellm provider ``local/<spec>[@<adapter>]`` is in ``providers.py``; the batch's KV cache in ``kv_cache.py``;
-decode steps of Llama-family models in ``fast_decode.py`` (others, and prefill, through transformers' modules).
+forwards (prefill and decode) of Llama-family models in ``fast_decode.py``, of others through transformers' modules.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The LoRA adapters loaded into a LocalEngine, and the forward that applies them row by row.
 
 peft injects LoRA layers into a private copy of the engine's modules that shares the base weights (no second
-copy of the model). A forward gets one adapter name per row: the decode steps of Llama-family models apply
+copy of the model). A forward gets one adapter name per row: every forward of a Llama-family model applies
 the rows' updates in `fast_decode.py` (from `lora_for`, read once per loaded adapter); everything else goes
 through peft's mixed-batch forward, where "__base__" rows skip LoRA. Only the engine's worker thread calls
 `load`, `unload` and `forward`.
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlpo_agents.fast_decode import FastDecoder, lora_for, lora_rows
+from mlpo_agents.fast_decode import FastDecoder, lora_for, lora_rows, prefill_mask
 from mlpo_agents.packed_linear import private_copy
 
 BASE_ADAPTER = "__base__"
@@ -64,11 +64,12 @@ class EngineLora:
         self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]
     ) -> torch.Tensor:
         """One forward, row i under `adapters[i]` (None: the base model); last-position logits (B, V) float32."""
-        if (
-            self.fast is not None and attention_mask is not None and attention_mask.dim() == 4
-        ):  # a decode step
+        prefill = attention_mask is None or attention_mask.dim() == 2
+        if self.fast is not None and (self.fast.prefills or not prefill):
             lora = lora_rows(adapters, self.fast_updates, input_ids.device)
             if lora is not False:
+                if attention_mask is not None and prefill:  # a left-padded prefill
+                    attention_mask = prefill_mask(attention_mask)
                 return self.fast.step(input_ids, position_ids, attention_mask, cache, lora)
         kwargs: dict[str, Any] = dict(
             input_ids=input_ids,

@@ -132,11 +132,15 @@ def _growing_layer_class() -> type:
 
         def keep_rows(self, order: list[int], trim: int) -> None:
             self.start += trim
-            columns = slice(self.start, self.length)
-            for row, source in enumerate(order):
-                if row != source:
-                    self.key_buffer[row, :, columns] = self.key_buffer[source, :, columns]
-                    self.value_buffer[row, :, columns] = self.value_buffer[source, :, columns]
+            moved = [row for row, source in enumerate(order) if row != source]
+            if moved:  # one gather, then one scatter, per buffer
+                columns, device = slice(self.start, self.length), self.key_buffer.device
+                rows, sources = (
+                    torch.tensor(moved, device=device),
+                    torch.tensor([order[r] for r in moved], device=device),
+                )
+                for buffer in (self.key_buffer, self.value_buffer):
+                    buffer[:, :, columns].index_copy_(0, rows, buffer[sources, :, columns])
             self.rows = len(order)
             self._view()
 

@@ -74,6 +74,7 @@ def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
     eng = LocalEngine("tiny-test", dtype="bfloat16", max_batch_size=8)
     try:
         assert eng._lora.fast is not None
+        assert eng._lora.fast.prefills == bool(eng.packed_linears)  # packed weights: prefill takes the fast path
         if eng.packed_linears:  # the fused q/k/v and gate/up are packed by the fast path, not twice
             attn = eng._base_model.model.layers[0].self_attn
             assert not hasattr(attn.q_proj, "packed_weight") and hasattr(attn.o_proj, "packed_weight")
@@ -134,3 +135,70 @@ def test_an_adapter_the_fast_path_cannot_apply_takes_the_module_path(tmp_path):
         assert steps < sum(len(s.token_ids) for s in fast)
     finally:
         eng.close()
+
+
+def _prefill(eng: LocalEngine, prompts: list[list[int]], adapters: list[str | None], fast: bool):
+    """One left-padded prefill forward of `prompts` as the engine's prefill runs it: (logits, cache, mask)."""
+    import torch
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    padded = bool((mask == 0).any())
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None
+    saved = eng._lora.fast
+    eng._lora.fast = saved if fast else None
+    try:
+        cache = DynamicCache(config=eng._base_model.config)
+        with torch.inference_mode():
+            logits = eng._forward(ids, mask if padded else None, positions, cache, adapters)
+        return logits, cache, mask.bool()
+    finally:
+        eng._lora.fast = saved
+
+
+def test_fast_prefill_equals_module_path_with_padding_and_adapters(tmp_path):
+    """The prefill takes the fast path too (T tokens a row): left-padded rows of three lengths, base and adapter
+    rows, and an unpadded one-row prefill give the module path's last-position logits and keys/values at the real
+    columns (fp32, 1e-4), and finite keys/values at the padding (a padding position attends to itself)."""
+    save_tiny_adapter(
+        tmp_path / "all", 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    eng = LocalEngine("tiny-test", max_batch_size=8)
+    eng.close()  # forwards (and the adapter load) run in this thread
+    assert not eng._lora.fast.prefills  # fp32 prefills through the modules (faster there); bf16 ones here
+    eng._lora.fast.prefills = True  # fp32: the strict comparison of the math
+    eng._lora.load("all", str(tmp_path / "all"))
+    prompts = [list(range(5, 30)), list(range(40, 49)), [7, 8, 9, 10, 11, 12, 13]]
+    calls = [0]
+    step = eng._lora.fast.step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return step(*args, **kwargs)
+
+    eng._lora.fast.step = counted
+    for batch, adapters in (
+        (prompts, [None, "all", None]),
+        (prompts, [None, None, None]),
+        (prompts[:1], [None]),
+        (prompts[1:2], ["all"]),
+    ):
+        fast_logits, fast_cache, mask = _prefill(eng, batch, adapters, fast=True)
+        slow_logits, slow_cache, _ = _prefill(eng, batch, adapters, fast=False)
+        assert fast_logits.shape == slow_logits.shape
+        assert (fast_logits - slow_logits).abs().max() < 1e-4
+        for fast_layer, slow_layer in zip(fast_cache.layers, slow_cache.layers, strict=True):
+            for a, b in ((fast_layer.keys, slow_layer.keys), (fast_layer.values, slow_layer.values)):
+                assert bool(a.isfinite().all())
+                real = mask[:, None, :, None].expand_as(a)
+                assert (a[real] - b[real]).abs().max() < 1e-4
+    assert calls[0] == 4  # every prefill above took the fast path
+    base, adapted, _ = _prefill(eng, prompts, [None, "all", None], fast=True)[0]
+    assert (
+        base - _prefill(eng, prompts[:1], [None], fast=True)[0][0]
+    ).abs().max() < 1e-4  # padding changes nothing
+    assert (
+        adapted - _prefill(eng, prompts[1:2], [None], fast=True)[0][0]
+    ).abs().max() > 1e-3  # the adapter does

@@ -9,14 +9,14 @@ to q and k together, keys and values written straight into the engine's growing 
 transformers' own (same RMSNorm formula and dtype casts, same SDPA call), so its outputs match the module
 path's within floating-point summation order; `tests/test_fast_decode.py` pins that.
 
-With packed bf16 weights, prefill takes the same function with T tokens a row (a wave's left-padded prompts:
-causal attention over each row's real tokens, `prefill_mask`), 1.1-1.45x faster than the modules (SmolLM2-135M,
-1-8 prompts of 66-300 tokens).
+With packed bf16 weights, prefill takes the same function with T tokens a row (a wave's left-padded
+prompts: causal attention over each row's real tokens, `prefill_mask`), 1.1-1.45x faster than the modules
+(SmolLM2-135M, 1-8 prompts of 66-300 tokens).
 
 Rows decoding under a LoRA adapter take the adapter's low-rank updates here too (`lora_for`): per adapter,
 `scale * B(A x)` is added to the rows that use it. DoRA and other peft variants, adapters on some layers
-only, and other architectures keep transformers' modules (`FastDecoder.build` returns None). `MLPO_ENGINE_FAST_DECODE=0`
-turns it off.
+only, and other architectures keep transformers' modules (`FastDecoder.build` returns None).
+`MLPO_ENGINE_FAST_DECODE=0` turns it off.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class FastDecoder:
     def __init__(self, model: Any, pack: bool) -> None:
         config, inner = model.config, model.model
         self.model, self.config = model, config
-        # Prefill takes this path with packed (bf16) weights only: with fp32 ones, the fused linears' outputs are
-        # concatenated, which at prefill shapes made it 5-9% slower than the modules (SmolLM2-135M, 66-300 tokens).
+        # Prefill takes this path with packed (bf16) weights only: with fp32 ones the fused linears' outputs
+        # are concatenated, which at prefill shapes was 5-9% slower than the modules (SmolLM2, 66-300 tokens).
         self.prefills = pack
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -149,10 +149,10 @@ class FastDecoder:
         lora: list[tuple[torch.Tensor | None, dict[str, list[LoraUpdate]]]] | None = None,
     ) -> torch.Tensor:
         """T tokens per row through every layer: a decode step (T = 1) or a prefill. input_ids (B, T);
-        position_ids (B, T), None for 0..T-1; `mask`: bool (B, 1, T, L) over the cache's columns plus these
-        T, or None for plain causal attention (a prefill into an empty cache, no padding). Writes the rows' keys and values
-        into `cache`; returns the last position's logits (B, V) fp32. `lora`: per adapter, (row indices or
-        None for every row, its updates by module name per layer)."""
+        position_ids (B, T), None for 0..T-1; `mask`: bool (B, 1, T, L) over the cache's columns plus
+        these T, or None for plain causal attention (a prefill into an empty cache, no padding). Writes
+        the rows' keys and values into `cache`; returns the last position's logits (B, V) fp32. `lora`:
+        per adapter, (row indices or None for every row, its updates by module name per layer)."""
         rows, tokens, heads, kv, dim = *input_ids.shape, self.heads, self.kv_heads, self.head_dim
         if position_ids is None:
             position_ids = torch.arange(tokens, device=input_ids.device).expand(rows, tokens)

@@ -74,7 +74,7 @@ def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
     eng = LocalEngine("tiny-test", dtype="bfloat16", max_batch_size=8)
     try:
         assert eng._lora.fast is not None
-        assert eng._lora.fast.prefills == bool(eng.packed_linears)  # packed weights: prefill takes the fast path
+        assert eng._lora.fast.prefills == bool(eng.packed_linears)  # packed: prefill takes the fast path
         if eng.packed_linears:  # the fused q/k/v and gate/up are packed by the fast path, not twice
             attn = eng._base_model.model.layers[0].self_attn
             assert not hasattr(attn.q_proj, "packed_weight") and hasattr(attn.o_proj, "packed_weight")
@@ -159,9 +159,9 @@ def _prefill(eng: LocalEngine, prompts: list[list[int]], adapters: list[str | No
 
 
 def test_fast_prefill_equals_module_path_with_padding_and_adapters(tmp_path):
-    """The prefill takes the fast path too (T tokens a row): left-padded rows of three lengths, base and adapter
-    rows, and an unpadded one-row prefill give the module path's last-position logits and keys/values at the real
-    columns (fp32, 1e-4), and finite keys/values at the padding (a padding position attends to itself)."""
+    """The prefill takes the fast path too (T tokens a row): left-padded rows of three lengths, base and
+    adapter rows, and an unpadded one-row prefill give the module path's last-position logits and keys/values
+    at the real columns (fp32, 1e-4), and finite keys/values at the padding."""
     save_tiny_adapter(
         tmp_path / "all", 2, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )

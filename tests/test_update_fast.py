@@ -137,3 +137,27 @@ def test_fast_logprobs_match_with_the_adapter_disabled_reference(model):
         want = plain_logprobs(model, mb)
         got = sequence_logprobs(model, mb, tempered_policy=True)
     assert torch.allclose(got[mask], want[mask], atol=1e-5)
+
+
+def test_ratio_metrics_average_over_the_rows_that_trained(model):
+    """Groups with equal rewards (zero advantage) are skipped whole; the ratio metrics are means over the rows
+    that did train, so at ratio one (`old_logprobs="current"`) mean_ratio is 1 and approx_kl 0, however many
+    groups were skipped (it used to read 0.25 with three of four groups skipped)."""
+    batch = group_batch(groups=4, g=4)
+    zero = batch.group_index >= 1  # groups 1..3: equal rewards
+    batch.rewards[zero] = 1.0
+    batch.advantages[zero] = 0.0
+    assert bool((batch.advantages[~zero] != 0).any())
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    try:
+        metrics = policy_update(
+            model, torch.optim.SGD(params, lr=0.0), batch, micro_batch_size=4, max_grad_norm=None,
+            old_logprobs="current", aggregation="token",
+        )  # fmt: skip
+    finally:
+        for p, s in zip(params, saved, strict=True):
+            p.data.copy_(s)
+    assert metrics["mean_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["clip_fraction"] == 0.0

@@ -218,8 +218,8 @@ def policy_update(
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    start, trained_tokens, loss_sum = time.perf_counter(), 0, 0.0
-    sums: dict[str, float] = {}
+    start, trained_tokens, loss_sum, trained_share = time.perf_counter(), 0, 0.0, 0.0
+    sums: dict[str, float] = {}  # the loss's metrics, weighted by each micro-batch's share of what trained
     if nothing_to_learn(batch, loss_fn, loss_kwargs.get("kl_coef", 0.0)):  # weights and Adam's moments stay
         return dict(SKIPPED_UPDATE)
     skip_zero = loss_fn in (_grpo, _magrpo) and not use_ref
@@ -253,6 +253,7 @@ def policy_update(
         if not empty:
             trained_tokens += int(mb.completion_mask.sum().item())
             loss_sum += mb_loss.item() * share * world
+            trained_share += share * world
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * share * world
     params = [p for p in model.parameters() if p.requires_grad]
@@ -270,5 +271,6 @@ def policy_update(
         "trained_tokens": float(trained_tokens),
         "tokens_per_s": trained_tokens / max(seconds, 1e-9),
         "update_s": seconds,
-        **sums,
+        # means over the rows that trained (skipped zero-advantage groups are no rows of the ratio)
+        **{key: value / max(trained_share, 1e-12) for key, value in sums.items()},
     }

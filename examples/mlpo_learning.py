@@ -40,7 +40,7 @@ def team_yaml(path: Path, args: argparse.Namespace) -> Path:
         "topology": "leader_peers",
         "params": {"peers": args.peers, "rounds": 1},
         "model_list": [
-            {"model_name": "leader", "litellm_params": {"model": f"local/{args.model}", "dtype": args.engine_dtype}}
+            {"model_name": "leader", "litellm_params": {"model": f"local/{args.model}", "dtype": args.dtype}}
         ],
         "router_settings": {"num_retries": 0, "timeout": 3600},
         "roles": {
@@ -101,8 +101,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/mlpo_learning")
     parser.add_argument("--model", default="smollm2-135m", help="zoo spec of the leader and the peers")
     parser.add_argument(
-        "--engine-dtype", default="float32", choices=("float32", "bfloat16"),
-        help="the in-process engine's weights (rollouts and evaluation); the trained LoRA stays fp32",
+        "--dtype", "--engine-dtype", dest="dtype", default="float32", choices=("float32", "bfloat16"),
+        help="the in-process engine's dtype for rollouts and evaluations (training stays fp32; as in the other examples)",
     )  # fmt: skip
     parser.add_argument("--task", default="word_problems")
     parser.add_argument("--eval-questions", type=int, default=200)

@@ -27,9 +27,8 @@ class EngineLora:
         self.base_model, self.fast = base_model, fast
         self.paths: dict[str, str] = {}  # loaded adapter -> its folder
         self.peft_model: Any = None  # None while no adapter is loaded: the clean base model
-        self.fast_updates: dict[
-            str, Any
-        ] = {}  # per adapter: its updates for the fast path (None: it has none)
+        # per adapter: its updates for the fast path (None: the fast path cannot apply it)
+        self.fast_updates: dict[str, Any] = {}
 
     def load(self, name: str, path: str) -> None:
         from peft import PeftModel

@@ -83,11 +83,12 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class FastDecoder:
-    """Decode steps of one Llama-family model (see module docstring); `build` says whether it applies."""
+    """Forwards of one Llama-family model: decode steps, and prefill with packed weights (see module
+    docstring); `build` says whether it applies."""
 
     def __init__(self, model: Any, pack: bool) -> None:
         config, inner = model.config, model.model
-        self.model, self.config = model, config
+        self.model = model
         # Prefill takes this path with packed (bf16) weights only: with fp32 ones the fused linears' outputs
         # are concatenated, which at prefill shapes was 5-9% slower than the modules (SmolLM2, 66-300 tokens).
         self.prefills = pack

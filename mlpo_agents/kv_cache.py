@@ -59,17 +59,15 @@ def append_cache_rows(cache: Any, caches: list[Any], width: int) -> bool:
 
 
 def keep_cache_rows(cache: Any, order: list[int], trim: int) -> None:
-    """Row j of growing `cache` becomes its row `order[j]`, in place; the first `trim` columns are dropped.
-
-    Each destination row must be `order[j]` itself or a row no later destination reads (a finished row).
-    """
+    """Row j of growing `cache` becomes its row `order[j]`, in place (the moved rows gathered first, then
+    written); the first `trim` columns are dropped."""
     for layer in cache.layers:
         layer.keep_rows(order, trim)
 
 
 def fill_order(rows: int, finished: set[int]) -> list[int]:
     """The row order after `finished` rows leave a batch of `rows`: survivors stay, the last survivors fill the
-    holes. Every destination is its own row or a finished one, as `keep_cache_rows` requires."""
+    holes, so only as many rows move as finished before the batch's end."""
     kept = rows - len(finished)
     order = list(range(kept))
     tail = [i for i in range(kept, rows) if i not in finished]

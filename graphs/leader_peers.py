@@ -23,7 +23,7 @@ from .nodes import (
     turns_of,
     user,
 )
-from .state import TeamContext, TeamGraph, TeamState
+from .state import TeamContext, TeamGraph, TeamState, Turn
 
 ROLES = ("leader", "peer")
 
@@ -54,9 +54,10 @@ def leader_prompt(state: dict[str, Any], agent: str, ctx: TeamContext) -> list[d
     )
 
 
-async def leader_done(state: dict[str, Any]) -> dict[str, Any]:
-    """Advance the round and set the team answer to the leader's latest answer (async: see `nodes`)."""
-    last = latest(state.get("turns", []), "leader")
+def leader_done(state: dict[str, Any], turns: list[Turn]) -> dict[str, Any]:
+    """The leader node's `then`: advance the round and set the team answer to the leader's latest answer
+    (this call's sample 0; a failed call leaves the previous round's)."""
+    last = latest([*state.get("turns", []), *turns], "leader")
     return {
         "round": state.get("round", 0) + 1,
         "answer": last["answer"] if last else None,
@@ -72,16 +73,14 @@ def build_leader_peers(
     require(rounds >= 1, f"rounds={rounds}: a team needs at least 1 round")
     require(leader_samples is None or leader_samples >= 1, f"leader_samples={leader_samples}: must be >= 1")
     g = StateGraph(TeamState, context_schema=TeamContext)
-    g.add_node("leader", agent_node("leader", leader_prompt, samples=leader_samples))
-    g.add_node("aggregate", leader_done)
-    g.add_edge("leader", "aggregate")
+    g.add_node("leader", agent_node("leader", leader_prompt, samples=leader_samples, then=leader_done))
     if peers:
         g.add_node("peer", agent_node("peer", peer_prompt))
         to_peers = fan_out("peer", agent_ids("peer", peers))
         g.add_conditional_edges(START, to_peers, ["peer"])
         g.add_edge("peer", "leader")
-        g.add_conditional_edges("aggregate", round_loop(rounds, to_peers), ["peer", "__end__"])
+        g.add_conditional_edges("leader", round_loop(rounds, to_peers), ["peer", "__end__"])
     else:
         g.add_edge(START, "leader")
-        g.add_conditional_edges("aggregate", round_loop(rounds, "leader"), ["leader", "__end__"])
+        g.add_conditional_edges("leader", round_loop(rounds, "leader"), ["leader", "__end__"])
     return g.compile(checkpointer=checkpointer, name="leader_peers")

@@ -95,13 +95,11 @@ def build_pooled_peers(
     pool = pool if pool is not None else PeerPool()
     g = StateGraph(TeamState, context_schema=TeamContext)
     g.add_node("peer", pooled_peer_node(pool, pool_samples))
-    g.add_node("leader", agent_node("leader", leader_prompt, samples=leader_samples))
-    g.add_node("aggregate", leader_done)
+    g.add_node("leader", agent_node("leader", leader_prompt, samples=leader_samples, then=leader_done))
     to_peers = fan_out("peer", agent_ids("peer", peers))
     g.add_conditional_edges(START, to_peers, ["peer"])
     g.add_edge("peer", "leader")
-    g.add_edge("leader", "aggregate")
-    g.add_conditional_edges("aggregate", round_loop(rounds, to_peers), ["peer", "__end__"])
+    g.add_conditional_edges("leader", round_loop(rounds, to_peers), ["peer", "__end__"])
     return g.compile(checkpointer=checkpointer, name="pooled_peers")
 
 

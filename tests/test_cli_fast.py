@@ -109,7 +109,7 @@ def test_graph_prints_the_tiny_team_topology_as_mermaid(tmp_path):
     for role in team.roles:  # every role of the team is a node of the diagram
         assert f"{role}({role})" in nodes
     assert "peer --> leader;" in nodes  # the leader reads the peers' answers
-    assert "__start__ -.-> peer;" in nodes and "aggregate -.-> __end__;" in nodes
+    assert "__start__ -.-> peer;" in nodes and "leader -.-> __end__;" in nodes
     written = tmp_path / "graph.mmd"
     code, out_file, err = mlpo("graph", "--topology", team.topology, "--params", params, "--out", str(written))
     assert code == 0 and out_file == "" and f"wrote {written}" in err

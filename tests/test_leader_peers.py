@@ -109,6 +109,25 @@ def test_failed_peer_is_recorded_and_leader_answers_with_the_rest(store):
     assert leader.prompts[0].count("<answer>4</answer>") == 2
 
 
+def test_leader_failing_in_a_later_round_leaves_the_previous_rounds_answer(store):
+    def leader_reply(messages):
+        if "I revised" in messages[-1]["content"]:  # round 1: the peers have revised
+            raise RuntimeError("leader backend exploded")
+        return "<answer>4</answer>"
+
+    leader = ScriptedModel("late-leader", leader_reply)
+    peer = ScriptedModel("late-peer", peer_reply)
+    team = scripted_team({"leader": leader, "peer": peer}, params={"peers": 2, "rounds": 2})
+    summary = run(team, store)
+
+    assert summary.degraded == 1 and summary.accuracy == 1.0  # the team's answer: the leader's round-0 answer
+    (episode,) = store.episodes()
+    assert episode.status == "degraded" and episode.final_answer == "4"
+    assert len(peer.prompts) == 4 and len(leader.prompts) == 2  # the round advanced past round 0, then ended
+    (failure,) = store.failures()
+    assert failure.role == "leader" and failure.round == 1
+
+
 def test_resume_skips_finished_episodes(store):
     leader = ScriptedModel("res-leader", "<answer>4</answer>")
     team = scripted_team({"leader": leader}, params={"peers": 0})

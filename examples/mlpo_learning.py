@@ -22,6 +22,9 @@ from 0.055-0.095 to 0.065-0.425 and the leader alone from 0.175-0.195 to 0.255-0
   sampled with the leader alone (`--solo-fraction 0.25`, not in the paper: it keeps the leader's own
   skill growing while it learns to use its team).
 - 4 questions per step, LoRA r 16, lr 4e-4, 96 new tokens, 55 minutes of training at most.
+- Rollouts and evaluations on a bf16 engine where the CPU has native bf16 kernels (`--dtype auto`; the update
+  stays fp32): over three seeds the team gained 10-13 points and the leader alone 15-47 in 15.1-17.9 minutes in
+  all, where two fp32 runs of the same commit line gained 12.5-13.5 / 12-13 in 25.5-26.0 minutes.
 """
 
 from __future__ import annotations
@@ -94,6 +97,18 @@ def markdown(results: dict[str, object]) -> str:
     return paired_markdown(title, results["rows"], label="leader")  # type: ignore[arg-type]
 
 
+def engine_dtype(asked: str, team_file: Path, resume: bool) -> str:
+    """`--dtype` resolved: `auto` is the first stage's dtype when resuming, else the CPU's fastest."""
+    if asked != "auto":
+        return asked
+    if resume and team_file.exists():
+        first = yaml.safe_load(team_file.read_text())["model_list"][0]["litellm_params"]
+        return str(first.get("dtype") or "float32")  # runs from before the flag: the engine's fp32
+    from mlpo_agents.engines import fastest_cpu_dtype
+
+    return fastest_cpu_dtype()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=55.0, help="training wall-time budget (evaluation excluded)")
@@ -101,8 +116,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/mlpo_learning")
     parser.add_argument("--model", default="smollm2-135m", help="zoo spec of the leader and the peers")
     parser.add_argument(
-        "--dtype", "--engine-dtype", dest="dtype", default="float32", choices=("float32", "bfloat16"),
-        help="the in-process engine's dtype for rollouts and evaluations (training stays fp32; as in the other examples)",
+        "--dtype", "--engine-dtype", dest="dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+        help="the in-process engine's dtype for rollouts and evaluations (training stays fp32). auto: bfloat16 where "
+        "the CPU has native bf16 kernels (AMX / AVX-512 BF16), else float32; a resumed run keeps its first stage's",
     )  # fmt: skip
     parser.add_argument("--task", default="word_problems")
     parser.add_argument("--eval-questions", type=int, default=200)
@@ -136,6 +152,7 @@ def main() -> None:
     from mlpo_agents.trainers.mlpo import MLPOConfig, train
 
     out = Path(args.out)
+    args.dtype = engine_dtype(args.dtype, out / "team.yaml", args.resume)
     config = MLPOConfig(
         team=str(team_yaml(out / "team.yaml", args)),
         task=args.task,

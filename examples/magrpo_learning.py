@@ -127,9 +127,10 @@ def main() -> None:
         "the paper's code setting); its own sampling settings apply, --model/--temperature/--top-p/--max-tokens do not",
     )
     parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"),
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
         help="the in-process engine's dtype for rollouts and evaluations (training stays fp32; MAGRPO is on-policy "
-        "and reads no rollout logprobs)",
+        "and reads no rollout logprobs). auto: bfloat16 where the CPU has native bf16 kernels (AMX / AVX-512 BF16), "
+        "else float32; a resumed run keeps its first stage's",
     )
     parser.add_argument("--task", default="word_problems")
     parser.add_argument("--eval-questions", type=int, default=200)
@@ -156,7 +157,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=500, help="upper bound; --minutes usually stops first")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     args = parser.parse_args()
+    from mlpo_agents.engines import run_dtype
 
+    args.dtype = run_dtype(args.dtype, Path(args.out), args.resume)
     os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     from mlpo_agents.trainers.magrpo import MAGRPOConfig, train
 

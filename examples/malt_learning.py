@@ -161,11 +161,15 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=16, help="episodes in flight")
     parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"],
-        help="the in-process engine's dtype for trees and evaluations (training stays fp32)",
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+        help="the in-process engine's dtype for trees and evaluations (training stays fp32). auto: bfloat16 where "
+        "the CPU has native bf16 kernels (AMX / AVX-512 BF16), else float32; a resumed run keeps its first stage's",
     )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     args = parser.parse_args()
+    from mlpo_agents.engines import run_dtype
+
+    args.dtype = run_dtype(args.dtype, Path(args.out), args.resume)
     os.environ["MLPO_ENGINE_DTYPE"] = args.dtype
     if args.eval_temperature is None:
         args.eval_temperature = 0.0 if args.eval_chains == 1 else args.temperature

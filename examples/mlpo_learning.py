@@ -97,18 +97,6 @@ def markdown(results: dict[str, object]) -> str:
     return paired_markdown(title, results["rows"], label="leader")  # type: ignore[arg-type]
 
 
-def engine_dtype(asked: str, team_file: Path, resume: bool) -> str:
-    """`--dtype` resolved: `auto` is the first stage's dtype when resuming, else the CPU's fastest."""
-    if asked != "auto":
-        return asked
-    if resume and team_file.exists():
-        first = yaml.safe_load(team_file.read_text())["model_list"][0]["litellm_params"]
-        return str(first.get("dtype") or "float32")  # runs from before the flag: the engine's fp32
-    from mlpo_agents.engines import fastest_cpu_dtype
-
-    return fastest_cpu_dtype()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=55.0, help="training wall-time budget (evaluation excluded)")
@@ -149,10 +137,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    from mlpo_agents.engines import run_dtype
     from mlpo_agents.trainers.mlpo import MLPOConfig, train
 
     out = Path(args.out)
-    args.dtype = engine_dtype(args.dtype, out / "team.yaml", args.resume)
+    args.dtype = run_dtype(args.dtype, out, args.resume)
     config = MLPOConfig(
         team=str(team_yaml(out / "team.yaml", args)),
         task=args.task,

@@ -3,8 +3,10 @@ reused by every role, trainer and server that names it (`local/<spec>[@<adapter>
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from mlpo_agents import zoo
@@ -34,6 +36,26 @@ def fastest_cpu_dtype() -> str:
     from mlpo_agents.packed_linear import can_pack
 
     return "bfloat16" if can_pack(torch.bfloat16, torch.device("cpu")) else "float32"
+
+
+def run_dtype(asked: str, out: Path, resume: bool) -> str:
+    """A learning run's engine dtype (`--dtype` of the examples), recorded in `<out>/engine.json`.
+
+    `auto` is, when resuming, the dtype the run's first stage recorded (float32 for a run from before the
+    record: the engine's default then), else `fastest_cpu_dtype()`. An explicit dtype is taken as asked.
+    """
+    record = out / "engine.json"
+    if asked != "auto":
+        dtype = asked
+    elif resume and record.exists():
+        dtype = str(json.loads(record.read_text())["dtype"])
+    elif resume and (out / "config.json").exists():  # a first stage from before the record
+        dtype = "float32"
+    else:
+        dtype = fastest_cpu_dtype()
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"dtype": dtype}) + "\n")
+    return dtype
 
 
 def close_engines() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import threading
 import time
@@ -389,3 +390,22 @@ def test_failed_batched_prefill_falls_back_to_one_by_one(engine):
     for one, future in zip(good, futures, strict=True):
         assert future.result(timeout=60).samples[0].token_ids == one.samples[0].token_ids
     assert _stats_delta(engine, before)["prefill_forwards"] == 2  # the failed forwards count nothing
+
+
+def test_a_learning_runs_engine_dtype_is_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    from mlpo_agents import engines
+
+    monkeypatch.setattr(engines, "fastest_cpu_dtype", lambda: "bfloat16")
+    out = tmp_path / "run"
+    assert engines.run_dtype("auto", out, resume=False) == "bfloat16"  # the CPU's fastest, recorded
+    assert json.loads((out / "engine.json").read_text()) == {"dtype": "bfloat16"}
+    monkeypatch.setattr(engines, "fastest_cpu_dtype", lambda: "float32")  # e.g. resumed on another machine
+    assert engines.run_dtype("auto", out, resume=True) == "bfloat16"  # the first stage's
+    assert engines.run_dtype("float32", out, resume=True) == "float32"  # asked for: taken as asked, recorded
+    assert engines.run_dtype("auto", out, resume=True) == "float32"
+    old = tmp_path / "old"  # a run from before the record: its engine ran the default fp32
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    monkeypatch.setattr(engines, "fastest_cpu_dtype", lambda: "bfloat16")
+    assert engines.run_dtype("auto", old, resume=True) == "float32"
+    assert engines.run_dtype("auto", tmp_path / "fresh", resume=True) == "bfloat16"  # nothing to resume yet

@@ -92,18 +92,3 @@ def test_lenient_shaping_is_recorded_per_call_and_weighed(tmp_path):
     assert not [r for r in store.rewards() if r.name == "lenient" and r.call_id not in lenient], "leader calls only"
     store.close()
 
-
-def test_the_learning_example_resolves_its_engine_dtype(tmp_path, monkeypatch):
-    import examples.mlpo_learning as example
-    from mlpo_agents import engines
-
-    monkeypatch.setattr(engines, "fastest_cpu_dtype", lambda: "bfloat16")
-    team_file = tmp_path / "team.yaml"
-    assert example.engine_dtype("float32", team_file, resume=False) == "float32"  # asked for: taken as asked
-    assert example.engine_dtype("auto", team_file, resume=False) == "bfloat16"  # the CPU's fastest
-    assert example.engine_dtype("auto", team_file, resume=True) == "bfloat16"  # nothing to resume yet
-    team_file.write_text("model_list:\n- model_name: leader\n  litellm_params: {model: local/x, dtype: float32}\n")
-    assert example.engine_dtype("auto", team_file, resume=True) == "float32"  # a resumed run keeps its first stage's
-    team_file.write_text("model_list:\n- model_name: leader\n  litellm_params: {model: local/x}\n")
-    assert example.engine_dtype("auto", team_file, resume=True) == "float32"  # runs from before the flag: fp32
-    assert example.engine_dtype("bfloat16", team_file, resume=True) == "bfloat16"

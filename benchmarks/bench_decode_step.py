@@ -8,6 +8,10 @@ fast path holds the one packed copy), so it is slower than the module path of an
 `MLPO_ENGINE_FAST_DECODE=0`: under that variable the script times that module path alone.
 
     python benchmarks/bench_decode_step.py --spec smollm2-135m --dtype bfloat16 --rows 1 4 16
+
+`--adapter-rows K` times the fast path twice instead: every row on the base model, and the first K rows under a
+LoRA adapter (r 16 on all seven linears, as the trainers make them; random B) beside base rows, the mixed batch
+of a training run's rollouts (the trainee's rows beside frozen peers').
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,13 +31,16 @@ from mlpo_agents.engine import LocalEngine, _Request
 from mlpo_agents.sampling import SamplingParams
 
 
-def ms_per_step(engine: LocalEngine, prompt_ids: list[list[int]], steps: int, warmup: int = 3) -> float:
-    """Admit the prompts as one wave, decode `warmup` steps, then time `steps` steps; ms per step."""
+def ms_per_step(
+    engine: LocalEngine, prompt_ids: list[list[int]], steps: int, warmup: int = 3, adapted: int = 0
+) -> float:
+    """Admit the prompts as one wave (the first `adapted` under adapter "bench"), decode `warmup` steps, then
+    time `steps` steps; ms per step."""
     engine._reset_batch()
     params = SamplingParams(max_tokens=steps + warmup + 2, temperature=0)
     requests = [
-        _Request(ids, params, None, concurrent.futures.Future(), samples=[None], remaining=1)
-        for ids in prompt_ids
+        _Request(ids, params, "bench" if i < adapted else None, concurrent.futures.Future(), samples=[None], remaining=1)
+        for i, ids in enumerate(prompt_ids)
     ]
     with torch.inference_mode():
         engine._admit(requests)
@@ -52,6 +60,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--adapter-rows", type=int, default=0, help="K: time base rows vs K adapter rows + base rows")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     prompts = build_prompts(max(args.rows), DATA)
@@ -61,7 +70,19 @@ def main() -> None:
     prompt_ids = [engine.encode_messages(m) for m in prompts]
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     fast, results = engine._lora.fast, []
-    for rows in args.rows:
+    if args.adapter_rows:
+        with tempfile.TemporaryDirectory() as folder:
+            save_adapter(args.spec, folder)
+            engine._lora.load("bench", folder)
+        for rows in args.rows:
+            adapted = min(args.adapter_rows, rows)
+            times = {}
+            for path in ("base", "lora") * 2:  # alternating; the second of each is kept
+                times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps, adapted=adapted if path == "lora" else 0)
+            results.append({"rows": rows, "adapter_rows": adapted, **{f"{path}_ms": ms for path, ms in times.items()}})
+            print(f"{args.spec} {args.dtype} rows {rows:2d}: base {times['base']:6.1f} ms/step, {adapted} under LoRA "
+                  f"{times['lora']:6.1f} ms/step ({times['lora'] / times['base']:.2f}x)", flush=True)
+    for rows in args.rows if not args.adapter_rows else ():
         times = {}
         paths = ("fast", "modules") if fast is not None else ("modules",)  # no fast path: modules alone
         for path in paths * 2:  # alternating; the second of each is kept
@@ -75,6 +96,24 @@ def main() -> None:
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"spec": args.spec, "dtype": args.dtype, "steps": results}))
+
+
+def save_adapter(spec: str, folder: str, rank: int = 16) -> None:
+    """A LoRA adapter of `spec` on its seven linears with seeded random B (so it changes every adapted row)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mlpo_agents import zoo
+    from mlpo_agents.fast_decode import LINEARS
+
+    model = AutoModelForCausalLM.from_pretrained(zoo.model_folder(spec), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LINEARS)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    peft_model.save_pretrained(folder)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 peft injects LoRA layers into a private copy of the engine's modules that shares the base weights (no second
 copy of the model). A forward gets one adapter name per row: every forward of a Llama-family model applies
-the rows' updates in `fast_decode.py` (from `lora_for`, read once per loaded adapter); everything else goes
+the rows' updates in `fast_decode.py` (`lora_for` then `fuse_lora`, once per loaded adapter); everything else goes
 through peft's mixed-batch forward, where "__base__" rows skip LoRA. Only the engine's worker thread calls
 `load`, `unload` and `forward`.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlpo_agents.fast_decode import FastDecoder, lora_for, lora_rows, prefill_mask
+from mlpo_agents.fast_decode import FastDecoder, fuse_lora, lora_for, lora_rows, prefill_mask
 from mlpo_agents.packed_linear import private_copy
 
 BASE_ADAPTER = "__base__"
@@ -48,7 +48,7 @@ class EngineLora:
             param.requires_grad_(flag)
         self.paths[name] = path
         if self.fast is not None:
-            self.fast_updates[name] = lora_for(self.peft_model, name, len(self.fast.layers))
+            self.fast_updates[name] = fuse_lora(lora_for(self.peft_model, name, len(self.fast.layers)), self.fast)
 
     def unload(self, name: str) -> None:
         del self.paths[name]

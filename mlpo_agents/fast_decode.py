@@ -77,9 +77,14 @@ class _Layer:
 
 
 LoraUpdate = tuple[torch.Tensor, torch.Tensor, float]
-"""(A (r, in), B (out, r), scale) of one adapted linear."""
+"""(A (r, in), B (out, r), scale) of one adapted linear; of a fused linear (q/k/v, gate/up), the modules' A
+stacked (R, in) and their B block-diagonal (out, R), with the scale folded into B when the modules' differ."""
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+"""The fast path's linears as it calls them (`_Layer`: qkv, o, gate_up, down), by the modules they fuse."""
+FusedLora = list[tuple[LoraUpdate | None, ...]]
+"""An adapter's updates for the fast path: per layer, one per `FUSED` linear (None: not adapted)."""
 
 
 class FastDecoder:
@@ -147,13 +152,13 @@ class FastDecoder:
         position_ids: torch.Tensor | None,
         mask: torch.Tensor | None,
         cache: Any,
-        lora: list[tuple[torch.Tensor | None, dict[str, list[LoraUpdate]]]] | None = None,
+        lora: list[tuple[torch.Tensor | None, FusedLora]] | None = None,
     ) -> torch.Tensor:
         """T tokens per row through every layer: a decode step (T = 1) or a prefill. input_ids (B, T);
         position_ids (B, T), None for 0..T-1; `mask`: bool (B, 1, T, L) over the cache's columns plus
         these T, or None for plain causal attention (a prefill into an empty cache, no padding). Writes
         the rows' keys and values into `cache`; returns the last position's logits (B, V) fp32. `lora`:
-        per adapter, (row indices or None for every row, its updates by module name per layer)."""
+        per adapter, (row indices or None for every row, its `fuse_lora` updates)."""
         rows, tokens, heads, kv, dim = *input_ids.shape, self.heads, self.kv_heads, self.head_dim
         if position_ids is None:
             position_ids = torch.arange(tokens, device=input_ids.device).expand(rows, tokens)
@@ -163,7 +168,7 @@ class FastDecoder:
         causal = mask is None and tokens > 1
         for i, layer in enumerate(self.layers):
             x = self._rms(h, layer.input_norm)
-            qkv = _adapted(layer.qkv, x, lora, i, ("q_proj", "k_proj", "v_proj"))
+            qkv = _adapted(layer.qkv, x, lora, i, 0)
             t = qkv.view(rows, tokens, heads + 2 * kv, dim).transpose(1, 2)
             qk = t[:, : heads + kv]  # q and k rotated together: (B, H + KV, T, D)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -178,12 +183,12 @@ class FastDecoder:
                 enable_gqa=heads != kv,
             )
             att = att.transpose(1, 2).reshape(rows, tokens, heads * dim)
-            h = h + _adapted(layer.o, att, lora, i, ("o_proj",))
+            h = h + _adapted(layer.o, att, lora, i, 1)
             x = self._rms(h, layer.post_norm)
-            gate_up = _adapted(layer.gate_up, x, lora, i, ("gate_proj", "up_proj"))
+            gate_up = _adapted(layer.gate_up, x, lora, i, 2)
             inner = gate_up.shape[-1] // 2
             y = F.silu(gate_up[..., :inner]) * gate_up[..., inner:]
-            h = h + _adapted(layer.down, y, lora, i, ("down_proj",))
+            h = h + _adapted(layer.down, y, lora, i, 3)
         return self.lm_head(self._rms(h[:, -1:], self.norm))[:, -1, :].float()
 
 
@@ -197,24 +202,53 @@ def prefill_mask(mask: torch.Tensor) -> torch.Tensor:
     return (causal & mask.bool()[:, None, None, :]) | eye
 
 
-def _adapted(linear: _Linear, x: torch.Tensor, lora: Any, layer: int, names: tuple[str, ...]) -> torch.Tensor:
-    """`linear(x)` (the fused modules `names`) plus each adapter's low-rank update on its rows, as peft's
+def _adapted(linear: _Linear, x: torch.Tensor, lora: Any, layer: int, fused: int) -> torch.Tensor:
+    """`linear(x)` (the `FUSED[fused]` modules) plus each adapter's low-rank update on its rows, as peft's
     mixed-batch forward adds it (input cast to the LoRA weights' dtype, update cast back, then added)."""
     out = linear(x)
     for rows, updates in lora or ():
-        if not any(name in updates for name in names):
+        update = updates[layer][fused]
+        if update is None:
             continue
+        a, b, scale = update
         xs = x if rows is None else x.index_select(0, rows)
-        parts = []
-        for name, width in zip(names, linear.widths, strict=True):
-            if name not in updates:
-                parts.append(xs.new_zeros(*xs.shape[:-1], width))
-                continue
-            a, b, scale = updates[name][layer]
-            parts.append((F.linear(F.linear(xs.to(a.dtype), a), b) * scale).to(out.dtype))
-        delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        delta = F.linear(F.linear(xs.to(a.dtype), a), b)
+        delta = (delta if scale == 1.0 else delta * scale).to(out.dtype)
         out = out + delta if rows is None else out.index_add(0, rows, delta)
     return out
+
+
+def fuse_lora(updates: dict[str, list[LoraUpdate]] | None, decoder: FastDecoder) -> FusedLora | None:
+    """`lora_for`'s updates as `decoder` applies them: one A and one B per fused linear, built once per loaded
+    adapter (two matmuls a fused linear instead of two per module, a cast and a concatenation). A module the
+    adapter leaves out has zero rows in B: its share of the update is exactly zero, as before."""
+    if updates is None:
+        return None
+    fused: FusedLora = []
+    for i, layer in enumerate(decoder.layers):
+        per_linear: list[LoraUpdate | None] = []
+        for names, linear in zip(FUSED, (layer.qkv, layer.o, layer.gate_up, layer.down), strict=True):
+            present = [(j, updates[name][i]) for j, name in enumerate(names) if name in updates]
+            if not present:
+                per_linear.append(None)
+                continue
+            if len(names) == 1:
+                per_linear.append(present[0][1])
+                continue
+            scales = {scale for _, (_, _, scale) in present}
+            one_scale = scales.pop() if len(scales) == 1 else None
+            a = torch.cat([a for _, (a, _, _) in present])
+            b = a.new_zeros(sum(linear.widths), a.shape[0])
+            offsets = [sum(linear.widths[:j]) for j in range(len(names) + 1)]
+            col = 0
+            for j, (_, part_b, scale) in present:
+                rank = part_b.shape[1]
+                block = part_b if one_scale is not None else part_b * scale
+                b[offsets[j] : offsets[j + 1], col : col + rank] = block
+                col += rank
+            per_linear.append((a, b, one_scale if one_scale is not None else 1.0))
+        fused.append(tuple(per_linear))
+    return fused
 
 
 def lora_for(peft_model: Any, adapter: str, layers: int) -> dict[str, list[LoraUpdate]] | None:
@@ -244,7 +278,7 @@ def lora_for(peft_model: Any, adapter: str, layers: int) -> dict[str, list[LoraU
 
 def lora_rows(adapters: list[str | None], updates: dict[str, Any], device: torch.device) -> Any:
     """The `lora` argument of `FastDecoder.step` for a batch whose row i uses adapter `adapters[i]` (None: the
-    base model); `updates` holds `lora_for`'s answer per loaded adapter. False when an adapter in the batch
+    base model); `updates` holds `fuse_lora`'s answer per loaded adapter. False when an adapter in the batch
     cannot take the fast path."""
     names = set(adapters)
     if names == {None}:

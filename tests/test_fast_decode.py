@@ -119,6 +119,40 @@ def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
         eng.close()
 
 
+def test_adapter_with_a_rank_and_a_scale_per_module_equals_the_module_path(tmp_path):
+    """q/k/v and gate/up are one matmul each on the fast path, their LoRA updates one A and one B: modules of one
+    fused linear with different ranks and scales (peft's rank_pattern / alpha_pattern), and one left out."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mlpo_agents import zoo
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"k_proj": 12, "gate_proj": 2},
+    )  # v_proj left out: its third of the fused q/k/v update is zero
+    peft_model = get_peft_model(zoo.build_tiny_test()[0], config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(tmp_path / "mixed")
+    eng = LocalEngine("tiny-test", max_batch_size=8)
+    try:
+        eng.load_adapter("mixed", tmp_path / "mixed")
+        qkv, _, gate_up, _ = eng._lora.fast_updates["mixed"][0]
+        assert qkv is not None and qkv[0].shape[0] == 4 + 2 and qkv[2] == 1.0  # scales differ: folded into B
+        assert gate_up is not None and gate_up[0].shape[0] == 4 + 6
+        requests = [(PROMPTS[1], None), (PROMPTS[1], "mixed"), (PROMPTS[3], "mixed")]
+        fast, steps = _run(eng, requests, fast=True)
+        slow, _ = _run(eng, requests, fast=False)
+        assert steps > 0 and fast[0].token_ids != fast[1].token_ids  # the adapter changes its rows
+        _assert_same(fast, slow, 1e-4)
+    finally:
+        eng.close()
+
+
 def test_an_adapter_the_fast_path_cannot_apply_takes_the_module_path(tmp_path):
     """An adapter on the first layer only (the fast path's updates cover every layer or none)."""
     save_tiny_adapter(tmp_path / "first", 3, ["q_proj", "v_proj"], layers=[0])

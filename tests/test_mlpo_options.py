@@ -91,4 +91,3 @@ def test_lenient_shaping_is_recorded_per_call_and_weighed(tmp_path):
     assert calls and lenient == {c.call_id for c in calls}, "one lenient reward per leader call"
     assert not [r for r in store.rewards() if r.name == "lenient" and r.call_id not in lenient], "leader calls only"
     store.close()
-

@@ -142,7 +142,7 @@ def test_adapter_with_a_rank_and_a_scale_per_module_equals_the_module_path(tmp_p
     try:
         eng.load_adapter("mixed", tmp_path / "mixed")
         qkv, _, gate_up, _ = eng._lora.fast_updates["mixed"][0]
-        assert qkv is not None and qkv[0].shape[0] == 4 + 2 and qkv[2] == 1.0  # scales differ: folded into B
+        assert qkv is not None and qkv[0].shape[0] == 4 + 2 and qkv[2] == 1.0  # the scales: folded into B
         assert gate_up is not None and gate_up[0].shape[0] == 4 + 6
         requests = [(PROMPTS[1], None), (PROMPTS[1], "mixed"), (PROMPTS[3], "mixed")]
         fast, steps = _run(eng, requests, fast=True)

@@ -15,7 +15,8 @@ Writes `<out>/results.json`, `<out>/results.md` and `<out>/curves.png` (train re
 
 Defaults (each one a flag): task `word_problems`, G = 8 joint actions x 4 questions per step, LoRA r 16,
 lr 4e-4, both agents sampled at T 0.7 / top-p 0.95 (CoMLRL samples at 0.6 / 0.6), 96 new tokens each,
-shaping reward `answered` 0.3 beside strict correctness. Why, from short runs on a 2-core CPU (seed 0):
+shaping reward `answered` 0.3 beside strict correctness, rollouts and evaluations on a bf16 engine where the CPU
+has native bf16 kernels (`--dtype auto`; the updates stay fp32). Why, from short runs on a 2-core CPU (seed 0):
 the untrained team answers under the strict rule in few samples (4 questions x G 4 at T 0.7: no strict
 correct answer in 16, 2 strict answers, 1 right number under the lenient rule; 14 of 16 drafts and 4 of
 16 answers cut at 96 tokens), so strict correctness alone gives groups with equal rewards; a shaping
@@ -23,7 +24,9 @@ entry and G = 8 make groups whose rewards differ more likely. `answered` rather 
 MLPO benchmark (README) `answered` lifted the team's strict accuracy within one 30-minute stage, while
 `lenient` mostly lifted the leader alone (`--format-reward lenient --format-weight 0.5` to compare).
 `--solo-fraction` (0, the paper) trains the solver on some questions alone too: with joint actions only, a run
-raised the team 0.025 -> 0.155 while the solver alone fell 0.175 -> 0.020.
+raised the team 0.025 -> 0.155 while the solver alone fell 0.175 -> 0.020. README recipe B as one command
+(`--format-reward lenient --format-weight 0.5 --solo-fraction 0.25 --solo-from-step 25 --max-steps 49`, bf16
+engine): team 0.030 -> 0.930, solver alone 0.140 -> 0.915, in 38.6 minutes.
 """
 
 from __future__ import annotations

@@ -135,6 +135,10 @@ def main() -> None:
         "and reads no rollout logprobs). auto: bfloat16 where the CPU has native bf16 kernels (AMX / AVX-512 BF16), "
         "else float32; a resumed run keeps its first stage's",
     )
+    parser.add_argument(
+        "--train-dtype", default="float32", choices=("float32", "bfloat16"),
+        help="the trained copy's base weights in updates (LoRA weights, gradients and AdamW state stay fp32)",
+    )
     parser.add_argument("--task", default="word_problems")
     parser.add_argument("--eval-questions", type=int, default=200)
     parser.add_argument("--group-size", type=int, default=8, help="G: joint actions per question")
@@ -192,6 +196,7 @@ def main() -> None:
         resume=args.resume,
         max_minutes=args.minutes,
         concurrency=16,
+        train_dtype=args.train_dtype,
     )
     team = None
     if args.team:  # the team's own agents (helper + main for code_pair), as training applies them

@@ -108,6 +108,10 @@ def main() -> None:
         help="the in-process engine's dtype for rollouts and evaluations (training stays fp32). auto: bfloat16 where "
         "the CPU has native bf16 kernels (AMX / AVX-512 BF16), else float32; a resumed run keeps its first stage's",
     )  # fmt: skip
+    parser.add_argument(
+        "--train-dtype", default="float32", choices=("float32", "bfloat16"),
+        help="the trained copy's base weights in updates (LoRA weights, gradients and AdamW state stay fp32)",
+    )
     parser.add_argument("--task", default="word_problems")
     parser.add_argument("--eval-questions", type=int, default=200)
     parser.add_argument("--peers", type=int, default=3)
@@ -166,6 +170,7 @@ def main() -> None:
         resume=args.resume,
         max_minutes=args.minutes,
         concurrency=16,
+        train_dtype=args.train_dtype,
     )
     from mlpo_agents.report import write_learning_results
 

@@ -13,8 +13,8 @@ With packed bf16 weights, prefill takes the same function with T tokens a row (a
 prompts: causal attention over each row's real tokens, `prefill_mask`), 1.1-1.45x faster than the modules
 (SmolLM2-135M, 1-8 prompts of 66-300 tokens).
 
-Rows decoding under a LoRA adapter take the adapter's low-rank updates here too (`lora_for`): per adapter,
-`scale * B(A x)` is added to the rows that use it. DoRA and other peft variants, adapters on some layers
+Rows decoding under a LoRA adapter take the adapter's low-rank updates here too (`lora_for`, fused per linear
+by `fuse_lora`): per adapter, `scale * B(A x)` is added to the rows that use it. DoRA and other peft variants, adapters on some layers
 only, and other architectures keep transformers' modules (`FastDecoder.build` returns None).
 `MLPO_ENGINE_FAST_DECODE=0` turns it off.
 """
@@ -210,10 +210,9 @@ def _adapted(linear: _Linear, x: torch.Tensor, lora: Any, layer: int, fused: int
         update = updates[layer][fused]
         if update is None:
             continue
-        a, b, scale = update
+        a, b, _ = update  # the scale is in b
         xs = x if rows is None else x.index_select(0, rows)
-        delta = F.linear(F.linear(xs.to(a.dtype), a), b)
-        delta = (delta if scale == 1.0 else delta * scale).to(out.dtype)
+        delta = F.linear(F.linear(xs.to(a.dtype), a), b).to(out.dtype)
         out = out + delta if rows is None else out.index_add(0, rows, delta)
     return out
 

@@ -54,6 +54,40 @@ def ms_per_step(
     return elapsed / steps * 1e3
 
 
+def time_adapter_rows(engine: LocalEngine, args: argparse.Namespace, prompt_ids: list[list[int]]) -> list[dict]:
+    """Per row count: every row on the base model vs the first `--adapter-rows` under a LoRA adapter."""
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(args.spec, folder)
+        engine._lora.load("bench", folder)
+    for rows in args.rows:
+        adapted = min(args.adapter_rows, rows)
+        times = {}
+        for path in ("base", "lora") * 2:  # alternating; the second of each is kept
+            times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps, adapted=adapted if path == "lora" else 0)
+        results.append({"rows": rows, "adapter_rows": adapted, **{f"{path}_ms": ms for path, ms in times.items()}})
+        print(f"{args.spec} {args.dtype} rows {rows:2d}: base {times['base']:6.1f} ms/step, {adapted} under LoRA "
+              f"{times['lora']:6.1f} ms/step ({times['lora'] / times['base']:.2f}x)", flush=True)
+    return results
+
+
+def time_paths(engine: LocalEngine, args: argparse.Namespace, prompt_ids: list[list[int]]) -> list[dict]:
+    """Per row count: the fast path vs transformers' modules (the modules alone when there is no fast path)."""
+    fast, results = engine._lora.fast, []
+    for rows in args.rows:
+        times = {}
+        paths = ("fast", "modules") if fast is not None else ("modules",)  # no fast path: modules alone
+        for path in paths * 2:  # alternating; the second of each is kept
+            engine._lora.fast = fast if path == "fast" else None
+            times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps)
+        engine._lora.fast = fast
+        results.append({"rows": rows, **{f"{path}_ms": ms for path, ms in times.items()}})
+        line = ", ".join(f"{path} {ms:6.1f} ms/step" for path, ms in times.items())
+        ratio = f" ({times['modules'] / times['fast']:.2f}x)" if "fast" in times else ""
+        print(f"{args.spec} {args.dtype} rows {rows:2d}: {line}{ratio}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="smollm2-135m")
@@ -69,30 +103,10 @@ def main() -> None:
     engine.eos_token_ids = frozenset()  # every row decodes every timed step
     prompt_ids = [engine.encode_messages(m) for m in prompts]
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
-    fast, results = engine._lora.fast, []
     if args.adapter_rows:
-        with tempfile.TemporaryDirectory() as folder:
-            save_adapter(args.spec, folder)
-            engine._lora.load("bench", folder)
-        for rows in args.rows:
-            adapted = min(args.adapter_rows, rows)
-            times = {}
-            for path in ("base", "lora") * 2:  # alternating; the second of each is kept
-                times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps, adapted=adapted if path == "lora" else 0)
-            results.append({"rows": rows, "adapter_rows": adapted, **{f"{path}_ms": ms for path, ms in times.items()}})
-            print(f"{args.spec} {args.dtype} rows {rows:2d}: base {times['base']:6.1f} ms/step, {adapted} under LoRA "
-                  f"{times['lora']:6.1f} ms/step ({times['lora'] / times['base']:.2f}x)", flush=True)
-    for rows in args.rows if not args.adapter_rows else ():
-        times = {}
-        paths = ("fast", "modules") if fast is not None else ("modules",)  # no fast path: modules alone
-        for path in paths * 2:  # alternating; the second of each is kept
-            engine._lora.fast = fast if path == "fast" else None
-            times[path] = ms_per_step(engine, prompt_ids[:rows], args.steps)
-        engine._lora.fast = fast
-        results.append({"rows": rows, **{f"{path}_ms": ms for path, ms in times.items()}})
-        line = ", ".join(f"{path} {ms:6.1f} ms/step" for path, ms in times.items())
-        ratio = f" ({times['modules'] / times['fast']:.2f}x)" if "fast" in times else ""
-        print(f"{args.spec} {args.dtype} rows {rows:2d}: {line}{ratio}", flush=True)
+        results = time_adapter_rows(engine, args, prompt_ids)
+    else:
+        results = time_paths(engine, args, prompt_ids)
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"spec": args.spec, "dtype": args.dtype, "steps": results}))
@@ -100,20 +114,16 @@ def main() -> None:
 
 def save_adapter(spec: str, folder: str, rank: int = 16) -> None:
     """A LoRA adapter of `spec` on its seven linears with seeded random B (so it changes every adapted row)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from mlpo_agents import zoo
     from mlpo_agents.fast_decode import LINEARS
+    from mlpo_agents.testing import save_random_adapter
 
     model = AutoModelForCausalLM.from_pretrained(zoo.model_folder(spec), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LINEARS)))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-    peft_model.save_pretrained(folder)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LINEARS))
+    save_random_adapter(folder, model, config, seed=0, scale=0.01)
 
 
 if __name__ == "__main__":

@@ -77,14 +77,15 @@ class _Layer:
 
 
 LoraUpdate = tuple[torch.Tensor, torch.Tensor, float]
-"""(A (r, in), B (out, r), scale) of one adapted linear; of a fused linear (q/k/v, gate/up, `fuse_lora`), the
-modules' A stacked (R, in) and their B, scaled, block-diagonal (out, R), with scale 1."""
+"""(A (r, in), B (out, r), scale) of one adapted module, as peft holds it (`lora_for`)."""
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 """The fast path's linears as it calls them (`_Layer`: qkv, o, gate_up, down), by the modules they fuse."""
-FusedLora = list[tuple[LoraUpdate | None, ...]]
-"""An adapter's updates for the fast path: per layer, one per `FUSED` linear (None: not adapted)."""
+FusedUpdate = tuple[torch.Tensor, torch.Tensor]
+"""(A (R, in), B (out, R)) of one fast-path linear: its modules' A stacked, their B scaled and block-diagonal."""
+FusedLora = list[tuple[FusedUpdate | None, ...]]
+"""An adapter's updates for the fast path (`fuse_lora`): per layer, one per `FUSED` linear (None: not adapted)."""
 
 
 class FastDecoder:
@@ -210,7 +211,7 @@ def _adapted(linear: _Linear, x: torch.Tensor, lora: Any, layer: int, fused: int
         update = updates[layer][fused]
         if update is None:
             continue
-        a, b, _ = update  # the scale is in b
+        a, b = update
         xs = x if rows is None else x.index_select(0, rows)
         delta = F.linear(F.linear(xs.to(a.dtype), a), b).to(out.dtype)
         out = out + delta if rows is None else out.index_add(0, rows, delta)
@@ -226,7 +227,7 @@ def fuse_lora(updates: dict[str, list[LoraUpdate]] | None, decoder: FastDecoder)
         return None
     fused: FusedLora = []
     for i, layer in enumerate(decoder.layers):
-        per_linear: list[LoraUpdate | None] = []
+        per_linear: list[FusedUpdate | None] = []
         for names, linear in zip(FUSED, (layer.qkv, layer.o, layer.gate_up, layer.down), strict=True):
             present = [(j, updates[name][i]) for j, name in enumerate(names) if name in updates]
             if not present:
@@ -240,7 +241,7 @@ def fuse_lora(updates: dict[str, list[LoraUpdate]] | None, decoder: FastDecoder)
                 rank = part_b.shape[1]
                 b[offsets[j] : offsets[j + 1], col : col + rank] = part_b * scale
                 col += rank
-            per_linear.append((a, b, 1.0))
+            per_linear.append((a, b))
         fused.append(tuple(per_linear))
     return fused
 

@@ -116,17 +116,25 @@ def save_tiny_adapter(
     layers: Sequence[int] | None = None,
 ) -> None:  # fmt: skip
     """Save a LoRA adapter of tiny-test whose B matrices are seeded random (so it changes the outputs)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from mlpo_agents import zoo
 
     layer_list = None if layers is None else list(layers)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), layers_to_transform=layer_list)
-    peft_model = get_peft_model(zoo.build_tiny_test()[0], config)
+    save_random_adapter(path, zoo.build_tiny_test()[0], config, seed)
+
+
+def save_random_adapter(path: Any, model: Any, config: Any, seed: int, scale: float = 0.5) -> None:
+    """Save the LoRA adapter `config` (a peft LoraConfig) of `model` with seeded random B matrices, `scale` x
+    N(0, 1): a fresh adapter's B is zero, which would leave every output unchanged."""
+    import torch
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(path)

@@ -13,7 +13,7 @@ import pytest
 
 from mlpo_agents.engine import LocalEngine
 from mlpo_agents.fast_decode import lora_for
-from mlpo_agents.testing import save_tiny_adapter
+from mlpo_agents.testing import save_random_adapter, save_tiny_adapter
 from tests.test_engine import PROMPTS as ENGINE_PROMPTS
 
 PROMPTS = ENGINE_PROMPTS[:4]  # short, two-turn, one-word and long prompts
@@ -122,8 +122,7 @@ def test_lora_rows_in_a_mixed_batch_equal_peft(tmp_path):
 def test_adapter_with_a_rank_and_a_scale_per_module_equals_the_module_path(tmp_path):
     """q/k/v and gate/up are one matmul each on the fast path, their LoRA updates one A and one B: modules of one
     fused linear with different ranks and scales (peft's rank_pattern / alpha_pattern), and one left out."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     from mlpo_agents import zoo
 
@@ -131,18 +130,12 @@ def test_adapter_with_a_rank_and_a_scale_per_module_equals_the_module_path(tmp_p
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"k_proj": 12, "gate_proj": 2},
     )  # v_proj left out: its third of the fused q/k/v update is zero
-    peft_model = get_peft_model(zoo.build_tiny_test()[0], config)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    peft_model.save_pretrained(tmp_path / "mixed")
+    save_random_adapter(tmp_path / "mixed", zoo.build_tiny_test()[0], config, seed=5)
     eng = LocalEngine("tiny-test", max_batch_size=8)
     try:
         eng.load_adapter("mixed", tmp_path / "mixed")
         qkv, _, gate_up, _ = eng._lora.fast_updates["mixed"][0]
-        assert qkv is not None and qkv[0].shape[0] == 4 + 2 and qkv[2] == 1.0  # the scales: folded into B
+        assert qkv is not None and qkv[0].shape[0] == 4 + 2 and qkv[1].shape[1] == 4 + 2  # one A, one B
         assert gate_up is not None and gate_up[0].shape[0] == 4 + 6
         requests = [(PROMPTS[1], None), (PROMPTS[1], "mixed"), (PROMPTS[3], "mixed")]
         fast, steps = _run(eng, requests, fast=True)

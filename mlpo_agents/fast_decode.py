@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlpo_agents import kernels
 from mlpo_agents.packed_linear import PackedLinear
 
 SUPPORTED = ("llama", "qwen2")
@@ -121,6 +122,7 @@ class FastDecoder:
                     module.__class__ = nn.Linear  # type: ignore[assignment]
         self.norm = inner.norm.weight
         self.lm_head = _linear([model.lm_head], pack)
+        self.kernels = kernels.load() if model.dtype in (torch.float32, torch.bfloat16) else None
 
     @classmethod
     def build(cls, model: Any, pack: bool) -> FastDecoder | None:
@@ -160,11 +162,14 @@ class FastDecoder:
         these T, or None for plain causal attention (a prefill into an empty cache, no padding). Writes
         the rows' keys and values into `cache`; returns the last position's logits (B, V) fp32. `lora`:
         per adapter, (row indices or None for every row, its `fuse_lora` updates)."""
-        rows, tokens, heads, kv, dim = *input_ids.shape, self.heads, self.kv_heads, self.head_dim
+        rows, tokens = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(tokens, device=input_ids.device).expand(rows, tokens)
         h = self.model.model.embed_tokens(input_ids)
         cos, sin = self.model.model.rotary_emb(h, position_ids)
+        if self.kernels is not None:
+            return self._fused_step(h, cos, sin, mask, cache, lora)
+        heads, kv, dim = self.heads, self.kv_heads, self.head_dim
         cos, sin, half = cos[:, None], sin[:, None], dim // 2
         causal = mask is None and tokens > 1
         for i, layer in enumerate(self.layers):
@@ -191,6 +196,55 @@ class FastDecoder:
             y = F.silu(gate_up[..., :inner]) * gate_up[..., inner:]
             h = h + _adapted(layer.down, y, lora, i, 3)
         return self.lm_head(self._rms(h[:, -1:], self.norm))[:, -1, :].float()
+
+    def _fused_step(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any, lora: Any
+    ) -> torch.Tensor:
+        """`step` through the compiled kernels (`kernels.py`): the same arithmetic in four fused calls a layer
+        besides the linears; a decode step's attention reads each row's real columns only."""
+        ops: Any = self.kernels
+        eps = self.eps
+        rows, tokens, _ = h.shape
+        heads, kv, dim = self.heads, self.kv_heads, self.head_dim
+        first = _first_real_columns(mask) if tokens == 1 and mask is not None else None
+        causal = mask is None and tokens > 1
+        x = ops.rms_norm(h, self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            qkv = _adapted(layer.qkv, x, lora, i, 0)
+            q = qkv.new_empty(rows, heads, tokens, dim)
+            layer_cache = cache.layers[i]
+            if hasattr(layer_cache, "reserve"):  # the engine's growing cache: k and v go straight into its buffer
+                k, v = layer_cache.reserve(tokens)
+                ops.rotary_split(qkv, cos, sin, heads, kv, q, k, v)
+                keys, values = layer_cache.keys, layer_cache.values
+            else:
+                k, v = qkv.new_empty(rows, kv, tokens, dim), qkv.new_empty(rows, kv, tokens, dim)
+                ops.rotary_split(qkv, cos, sin, heads, kv, q, k, v)
+                keys, values = layer_cache.update(k, v)
+            if first is not None:
+                att = ops.decode_attention(q, keys, values, first, self.scaling)
+            else:
+                att = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=heads != kv
+                )
+                att = att.transpose(1, 2).reshape(rows, tokens, heads * dim)
+            x = ops.add_rms_norm_(h, _adapted(layer.o, att, lora, i, 1), layer.post_norm, eps)
+            y = ops.silu_mul(_adapted(layer.gate_up, x, lora, i, 2))
+            down = _adapted(layer.down, y, lora, i, 3)
+            if i + 1 < len(self.layers):
+                x = ops.add_rms_norm_(h, down, self.layers[i + 1].input_norm, eps)
+        last = (h[:, -1:] + down[:, -1:]).contiguous()
+        return self.lm_head(ops.rms_norm(last, self.norm, eps))[:, -1, :].float()
+
+
+def _first_real_columns(mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's first real column of a decode step's (B, 1, 1, L) bool mask, when every row's real columns
+    run from there to the end (the engine's left-padded batch); None otherwise (attention then takes the mask)."""
+    flat = mask.reshape(mask.shape[0], -1)
+    if flat.dtype != torch.bool or not bool((flat[:, 1:] >= flat[:, :-1]).all() and flat[:, -1].all()):
+        return None
+    first = flat.shape[1] - flat.sum(-1)
+    return first
 
 
 def prefill_mask(mask: torch.Tensor) -> torch.Tensor:

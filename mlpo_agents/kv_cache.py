@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mlpo_agents import kernels
+
 LEFT_ROOM = 256
 """Free columns left of the view after a rebuild: a prompt up to this much longer than the batch joins in place."""
 RIGHT_ROOM = 128
@@ -61,8 +63,17 @@ def append_cache_rows(cache: Any, caches: list[Any], width: int) -> bool:
 def keep_cache_rows(cache: Any, order: list[int], trim: int) -> None:
     """Row j of growing `cache` becomes its row `order[j]`, in place (the moved rows gathered first, then
     written); the first `trim` columns are dropped."""
+    ops = kernels.load()
+    moved = [row for row, source in enumerate(order) if row != source]
+    if ops is None or not moved:
+        for layer in cache.layers:
+            layer.keep_rows(order, trim)
+        return
+    first = cache.layers[0]
+    buffers = [buffer for layer in cache.layers for buffer in (layer.key_buffer, layer.value_buffer)]
+    ops.copy_rows(buffers, moved, [order[row] for row in moved], first.start + trim, first.length)
     for layer in cache.layers:
-        layer.keep_rows(order, trim)
+        layer.keep_rows(order, trim, copied=True)
 
 
 def fill_order(rows: int, finished: set[int]) -> list[int]:
@@ -128,10 +139,12 @@ def _growing_layer_class() -> type:
                 self.rows += k.shape[0]
             self._view()
 
-        def keep_rows(self, order: list[int], trim: int) -> None:
+        def keep_rows(self, order: list[int], trim: int, copied: bool = False) -> None:
+            """`keep_cache_rows` for this layer; `copied`: the rows were already moved (one kernel call for
+            every layer)."""
             self.start += trim
             moved = [row for row, source in enumerate(order) if row != source]
-            if moved:  # one gather, then one scatter, per buffer
+            if moved and not copied:  # one gather, then one scatter, per buffer
                 columns, device = slice(self.start, self.length), self.key_buffer.device
                 rows, sources = (
                     torch.tensor(moved, device=device),
@@ -143,16 +156,23 @@ def _growing_layer_class() -> type:
             self._view()
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
+            keys, values = self.reserve(key_states.shape[-2])
+            keys.copy_(key_states)
+            values.copy_(value_states)
+            return self.keys, self.values
+
+        def reserve(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """The view widened by `tokens` columns on the right; returns those columns of the keys and values
+            (B, H, tokens, D), for the caller to write."""
+            end = self.length + tokens
             if end > self.key_buffer.shape[2]:  # no room right: rebuild with fresh room
                 keys, values = self.keys, self.values  # views that keep the old buffer alive while it is copied
                 self.reset_to([keys], [values], keys.shape[2], self.key_buffer.shape[0])  # type: ignore[list-item,union-attr]
-                end = self.length + key_states.shape[-2]
-            self.key_buffer[: self.rows, :, self.length : end] = key_states
-            self.value_buffer[: self.rows, :, self.length : end] = value_states
+                end = self.length + tokens
+            columns = slice(self.length, end)
             self.length = end
             self._view()
-            return self.keys, self.values
+            return self.key_buffer[: self.rows, :, columns], self.value_buffer[: self.rows, :, columns]
 
         def _view(self) -> None:
             self.keys = self.key_buffer[: self.rows, :, self.start : self.length]

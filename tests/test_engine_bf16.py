@@ -3,13 +3,16 @@ documented bf16 tolerances.
 
 Tolerances (why they are what they are): bf16 keeps 8 mantissa bits, so a logit of magnitude ~10 is only
 known to ~0.05. The engine's logprobs come from bf16 logits upcast to fp32 (log-softmax in fp32), so they
-match a fresh bf16 forward over prompt + completion to within `BF16_LOGPROB_ABS` = 0.05 per token (measured
-max 0.033: batch composition and KV cache vs full-sequence attention change the rounding, not the maths).
+match a fresh bf16 forward over prompt + completion to within `BF16_LOGPROB_ABS` = 0.1 per token (measured
+max 0.033 with SDPA's attention, 0.060 with the fast path's compiled decode attention, `kernels.py`: batch
+composition, the KV cache and another attention kernel change the rounding, not the maths; both attentions
+are as close to an exact float64 attention, mean error 8.3e-4 on bf16 inputs).
 Against the fp32 model (a different rounding of every weight) tiny-test's large logits move by up to 0.5
 (measured max 0.50, per-sequence mean <= 0.10), hence `BF16_VS_FP32_MAX` = 0.75 per token and
 `BF16_VS_FP32_MEAN` = 0.15 per sequence. fp32 keeps its 1e-4 tolerance in test_engine.py. Greedy tokens are
-compared exactly with transformers' own bf16 greedy: tiny-test's logits are far apart
-(initializer_range 0.3), so rounding differences do not flip an argmax here.
+compared with transformers' own bf16 greedy: equal for at least 10 tokens, and a later flip only at a near-tie
+(the two tokens within `BF16_NEAR_TIE` = 0.1 nats under a fresh bf16 forward); tiny-test's logits are mostly
+far apart (initializer_range 0.3), but one prompt of three flips at token 18 with the compiled attention.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from mlpo_agents import zoo
 from mlpo_agents.engine import LocalEngine
 
-BF16_LOGPROB_ABS = 0.05
+BF16_LOGPROB_ABS = 0.1
+BF16_NEAR_TIE = 0.1
 BF16_VS_FP32_MAX = 0.75
 BF16_VS_FP32_MEAN = 0.15
 PROMPTS = [
@@ -55,14 +59,22 @@ def test_bf16_engine_runs_in_bf16(engine):
 
 
 def test_bf16_greedy_equals_transformers_bf16_greedy_batched(engine):
+    """Equal tokens, or a flip at a near-tie only: where the engine's greedy token differs from transformers',
+    a fresh bf16 forward over the common prefix scores the two within `BF16_NEAR_TIE` of each other."""
     model, _ = zoo.resolve("tiny-test", dtype="bfloat16")
     futures = [engine.submit(m, max_tokens=20, temperature=0) for m in PROMPTS]  # batched together
     for future in futures:
         result = future.result(timeout=60)
         want = _hf_greedy(model, result.prompt_token_ids, 20)
         got = result.samples[0].token_ids
-        assert got == want[: len(got)]
         assert len(got) == 20 or result.samples[0].finish_reason == "stop"
+        same = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), len(got))
+        assert same >= 10
+        if same < len(got):
+            ids = torch.tensor([result.prompt_token_ids + got[:same]])
+            with torch.inference_mode():
+                scores = model(ids).logits.float().log_softmax(-1)[0, -1]
+            assert abs(scores[got[same]] - scores[want[same]]) <= BF16_NEAR_TIE
 
 
 def test_bf16_logprobs_match_fresh_bf16_forward_and_fp32(engine):

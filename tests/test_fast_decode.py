@@ -4,7 +4,14 @@ Each test runs the same requests through one engine twice, submitted together (o
 leaving): once with the fast path, once with it turned off (`engine._lora.fast = None`, the module path every
 other architecture takes). fp32: equal tokens, logprobs within 1e-4 as in test_engine.py (measured up to
 1.2e-5: fused matmuls sum in another order). bf16: the first 10 greedy tokens equal and logprobs within 0.06 nats along the common prefix
-(a logit of magnitude 4-8 has a bf16 spacing of 0.03-0.06; measured up to 0.024, one intra-op thread).
+(a logit of magnitude 4-8 has a bf16 spacing of 0.03-0.06; measured up to 0.024, one intra-op thread) with
+the fast path's torch ops, 0.15 with its compiled kernels (`kernels.py`; measured up to 0.095): they keep
+attention weights in fp32 where SDPA rounds them, and tiny-test's random weights amplify a rounding
+difference. Both bf16 paths are as far from fp32 (`benchmarks/logprob_drift.py`, mean |bf16 - fp32| a token:
+tiny-test 0.104 with kernels vs 0.101 without, SmolLM2 0.0231 vs 0.0222), and greedy flips at tiny-test's
+near-ties come earlier or later (first token differing from fp32's greedy, six prompts of 30 tokens: modules
+30/11/30/30/10/17, kernels 30/6/30/30/10/30), so with kernels the common prefix must be 5 tokens, not 10.
+tests/test_kernels.py pins each kernel against torch.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
             attn = eng._base_model.model.layers[0].self_attn
             assert not hasattr(attn.q_proj, "packed_weight") and hasattr(attn.o_proj, "packed_weight")
         requests = [(m, None) for m in PROMPTS]
+        kernels = eng._lora.fast.kernels
         fast, steps = _run(eng, requests, fast=True)
         slow, _ = _run(eng, requests, fast=False)
         assert steps > 0
@@ -87,8 +95,8 @@ def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
                 (i for i, (a, b) in enumerate(zip(f.token_ids, s.token_ids, strict=False)) if a != b),
                 len(f.token_ids),
             )
-            assert same >= 10
-            assert f.logprobs[:same] == pytest.approx(s.logprobs[:same], abs=0.06)
+            assert same >= (10 if kernels is None else 5)
+            assert f.logprobs[:same] == pytest.approx(s.logprobs[:same], abs=0.06 if kernels is None else 0.15)
     finally:
         eng.close()
 

@@ -1,0 +1,66 @@
+"""Fused CPU kernels for the fast decode path, compiled from `kernels.cpp` on first use.
+
+A decode step of a small model is hundreds of tiny ops a layer pays dispatch and thread wake-ups for, and an
+attention that reads every padding column of a left-padded batch. `kernels.cpp` has five kernels that
+`fast_decode.FastDecoder` calls instead: RMSNorm, the residual add fused with the next RMSNorm, SiLU-gate times
+up, the rotary embedding fused with the q/k/v split (keys and values written straight into the KV cache's
+buffer), and decode attention over each row's real columns only. They round where torch rounds, so bf16
+outputs match the op-by-op path's within summation order; `tests/test_kernels.py` pins each against torch.
+
+Compiled with the machine's C++ compiler by `torch.utils.cpp_extension` (ninja, a dependency) the first time an
+engine needs them (~1 min), then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+`~/.cache/torch_extensions`). Without a compiler, or with `MLPO_ENGINE_KERNELS=0`, `load()` returns None and the
+fast path keeps its torch ops (a warning says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("MLPO_ENGINE_KERNELS", "1") != "0"
+
+
+def load() -> Any | None:
+    """The compiled kernels module, or None when turned off or when they cannot be built (logged once)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+    return _state["module"]
+
+
+def _build() -> Any | None:
+    try:
+        from torch.utils.cpp_extension import load as compile_extension
+
+        log.info("loading the fast-decode kernels (compiled once per machine into torch's extension cache)")
+        return compile_extension(
+            name="mlpo_kernels",
+            sources=[str(SOURCE)],
+            # reassociation lets the dot products' sums vectorise; NaN and inf keep their IEEE meaning
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                          "-fno-signed-zeros", "-fassociative-math"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: the torch ops still work
+        log.warning(
+            "fast-decode kernels unavailable (%s: %s); decoding with torch ops instead. Install a C++ compiler "
+            "(gcc / g++) to build them, or set MLPO_ENGINE_KERNELS=0 to skip this.",
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+        )
+        return None

@@ -407,6 +407,125 @@ void copy_rows(const std::vector<at::Tensor>& buffers, const std::vector<int64_t
   });
 }
 
+
+float row_max(const float* __restrict__ x, int64_t n) {
+  constexpr int64_t lanes = 16;  // one running maximum per lane: a select per element, which vectorises
+  float lane[lanes];
+  for (int64_t l = 0; l < lanes; ++l) lane[l] = x[0];
+  int64_t whole = n / lanes * lanes;
+  for (int64_t i = 0; i < whole; i += lanes)
+    for (int64_t l = 0; l < lanes; ++l) lane[l] = x[i + l] > lane[l] ? x[i + l] : lane[l];
+  float top = x[0];
+  for (int64_t l = 0; l < lanes; ++l) top = lane[l] > top ? lane[l] : top;
+  for (int64_t i = whole; i < n; ++i) top = x[i] > top ? x[i] : top;
+  return top;
+}
+
+// sum of exp((x - top) * scale) over n floats
+float sum_exp(const float* __restrict__ x, int64_t n, float top, float scale) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += exp_((x[i] - top) * scale);
+  return sum;
+}
+
+// The K largest of x (n floats), as (value, index) sorted descending, lower index first among equal values.
+// Blocks of 64 whose maximum cannot enter are skipped after one vectorised max, so a peaked row costs about
+// one pass over it.
+void top_k(const float* x, int64_t n, int64_t k, std::vector<std::pair<float, int64_t>>& out) {
+  auto worse = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };  // heap order: the worst kept pair on top
+  out.clear();
+  for (int64_t i = 0; i < std::min(k, n); ++i) {
+    out.emplace_back(x[i], i);
+    std::push_heap(out.begin(), out.end(), worse);
+  }
+  constexpr int64_t block = 64;
+  for (int64_t start = out.size(); start < n; start += block) {
+    int64_t end = std::min(n, start + block);
+    if (!(row_max(x + start, end - start) > out.front().first)) continue;
+    for (int64_t i = start; i < end; ++i) {
+      if (x[i] > out.front().first) {  // a later equal value has a larger index: never better
+        std::pop_heap(out.begin(), out.end(), worse);
+        out.back() = {x[i], i};
+        std::push_heap(out.begin(), out.end(), worse);
+      }
+    }
+  }
+  std::sort_heap(out.begin(), out.end(), worse);
+}
+
+// One decode step's draw for every row of logits (B, V) float32, as sampling.sample_tokens defines it:
+// temperature 0 takes the argmax; otherwise inverse-CDF sampling with the row's uniform over the whole
+// vocabulary (top_p >= 1, vocabulary order) or over the nucleus among the k most likely tokens. Returns
+// (tokens, raw logprobs, temperature-scaled logprobs, full): `full` marks a top-p row whose k candidates hold
+// less than top_p of the mass, for the caller to draw from a full sort instead.
+std::vector<at::Tensor> sample_rows(const at::Tensor& logits_, const at::Tensor& temps_, const at::Tensor& top_ps_,
+                                    const at::Tensor& uniforms_, int64_t k) {
+  TORCH_CHECK(logits_.dim() == 2 && logits_.scalar_type() == at::kFloat && logits_.device().is_cpu(),
+              "logits must be a (B, V) float32 CPU tensor");
+  auto logits = logits_.contiguous();
+  auto temps = temps_.to(at::kFloat).contiguous(), top_ps = top_ps_.to(at::kFloat).contiguous();
+  auto uniforms = uniforms_.to(at::kFloat).contiguous();
+  int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(temps.numel() == B && top_ps.numel() == B && uniforms.numel() == B, "one setting per row");
+  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  auto raw = at::empty({B}, logits.options()), scaled = at::empty({B}, logits.options());
+  auto full = at::zeros({B}, logits.options().dtype(at::kBool));
+  const float *px = logits.data_ptr<float>(), *pt = temps.data_ptr<float>(), *pp = top_ps.data_ptr<float>(),
+              *pu = uniforms.data_ptr<float>();
+  int64_t* ptok = tokens.data_ptr<int64_t>();
+  float *praw = raw.data_ptr<float>(), *pscaled = scaled.data_ptr<float>();
+  bool* pfull = full.data_ptr<bool>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int64_t>> candidates;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = px + r * V;
+      float top = row_max(x, V), t = pt[r], inv = t > 0 ? 1.f / t : 0.f;
+      float sum_raw = sum_exp(x, V, top, 1.f), sum_scaled = t > 0 ? sum_exp(x, V, top, inv) : sum_raw;
+      int64_t token = 0;
+      if (t <= 0) {
+        while (x[token] != top) ++token;  // the first maximum, as argmax takes it
+      } else if (pp[r] >= 1.f) {
+        float target = pu[r] * sum_scaled, cdf = 0.f;
+        token = V - 1;
+        for (int64_t i = 0; i < V; ++i) {
+          cdf += exp_((x[i] - top) * inv);
+          if (cdf >= target) {
+            token = i;
+            break;
+          }
+        }
+      } else {
+        top_k(x, V, k, candidates);
+        int64_t n = candidates.size();
+        std::vector<float> probs(n);
+        float mass = 0.f, kept = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          float p = exp_((candidates[j].first - top) * inv) / sum_scaled;
+          probs[j] = mass < pp[r] ? p : 0.f;  // the nucleus: the mass before a token is below top_p
+          kept += probs[j];
+          mass += p;
+        }
+        pfull[r] = mass < pp[r] && n < V;
+        float target = pu[r] * kept, cdf = 0.f;
+        token = candidates[n - 1].second;
+        for (int64_t j = 0; j < n; ++j) {
+          cdf += probs[j];
+          if (cdf >= target) {
+            token = candidates[j].second;
+            break;
+          }
+        }
+      }
+      ptok[r] = token;
+      praw[r] = x[token] - top - std::log(sum_raw);
+      pscaled[r] = t > 0 ? (x[token] - top) * inv - std::log(sum_scaled) : praw[r];
+    }
+  });
+  return {tokens, raw, scaled, full};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -414,6 +533,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta in place, then RMSNorm of h");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
   m.def("rotary_split", &rotary_split, "qkv -> rotated q, rotated k, v, written into the given outputs");
+  m.def("sample_rows", &sample_rows, "one token per row: greedy, whole-vocabulary or top-p inverse-CDF draws");
   m.def("copy_rows", &copy_rows, "rows of every buffer replaced by other rows, some columns only");
   m.def("decode_attention", &decode_attention, "one query token per row over its real keys and values");
 }

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from mlpo_agents import kernels
 
 
 @dataclass
@@ -135,6 +138,9 @@ def sample_tokens(
     only, never on its batch mates. Logprobs are raw (T = 1) unless `processed_logprobs` (then under the
     temperature-scaled distribution, top-p never included)."""
     temps = [p.temperature for p in params]
+    ops = kernels.load() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if ops is not None:
+        return _sample_compiled(ops, logits, params, generators, processed_logprobs)
     if not processed_logprobs and not any(temps):
         # All greedy: argmax of the logits (what transformers' greedy takes) without materialising (B, V).
         best, tokens = logits.max(dim=-1)
@@ -161,3 +167,28 @@ def sample_tokens(
     if processed_logprobs and scaled is not None:
         logprobs[idx] = scaled.gather(1, picks[:, None]).squeeze(1)
     return tokens, logprobs
+
+
+def _sample_compiled(
+    ops: Any, logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
+    processed_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` through the compiled kernel (`kernels.cpp`, `sample_rows`): the same draws from the same
+    uniforms (one per sampled row from its generator) in two passes over each row instead of a dozen torch ops
+    over the batch (SmolLM2's 16 rows: 3.3 ms a step in torch ops); a top-p row whose candidates hold less than
+    top_p is drawn again from a full sort here."""
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    uniforms = torch.tensor(
+        [float(torch.rand((), generator=g)) if p.temperature > 0 else 0.0 for p, g in zip(params, generators, strict=True)],
+        dtype=torch.float32,
+    )
+    tokens, raw, scaled, full = ops.sample_rows(logits, temps, top_ps, uniforms, NUCLEUS_CANDIDATES)
+    if bool(full.any()):
+        rows = full.nonzero().squeeze(1)
+        again = torch.log_softmax(logits[rows] / temps[rows, None], dim=-1)
+        tokens[rows] = _top_p_tokens(again, top_ps[rows], uniforms[rows])
+        picked = tokens[rows, None]
+        raw[rows] = (logits[rows].gather(1, picked).squeeze(1) - logits[rows].logsumexp(dim=-1))
+        scaled[rows] = again.gather(1, picked).squeeze(1)
+    return tokens, scaled if processed_logprobs else raw

@@ -1,12 +1,25 @@
 """The engine's batched sampler (`mlpo_agents.sampling.sample_tokens`): the top-p path looks for the nucleus
 among the top candidates instead of sorting the vocabulary, and must draw exactly what a full sort draws
-(float32 logits without ties: tied probabilities may be ranked in either order by either path)."""
+(float32 logits without ties: tied probabilities may be ranked in either order by either path). Every test
+runs twice: through the compiled sampler (`kernels.sample_rows`, what the engine uses where it builds) and
+through the torch ops it replaces (no C++ compiler, or MLPO_ENGINE_KERNELS=0)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from mlpo_agents import kernels
 from mlpo_agents.sampling import NUCLEUS_CANDIDATES, SamplingParams, sample_tokens
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def sampler(request, monkeypatch):
+    if request.param == "compiled":
+        assert kernels.load() is not None
+    else:
+        monkeypatch.setattr(kernels, "load", lambda: None)
+    return request.param
 
 
 def full_sort_nucleus(logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor) -> int:

@@ -268,6 +268,9 @@ void attend_simd(const T* __restrict__ q, const T* __restrict__ k, int64_t ks, c
   for (int g = 0; g < G; ++g) top[g] = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
     const T* kj = k + j * ks;
+    _mm_prefetch(reinterpret_cast<const char*>(kj + 16 * ks), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(kj + 16 * ks) + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + (j < 8 ? j : 0) * vs), _MM_HINT_T1);
     __m512 kc[C];
     for (int c = 0; c < C; ++c) kc[c] = load16(kj + c * 16);
     for (int g = 0; g < G; ++g) {
@@ -294,6 +297,8 @@ void attend_simd(const T* __restrict__ q, const T* __restrict__ k, int64_t ks, c
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; ++j) {
     const T* vj = v + j * vs;
+    _mm_prefetch(reinterpret_cast<const char*>(vj + 16 * vs), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(vj + 16 * vs) + 64, _MM_HINT_T0);
     __m512 vc[C];
     for (int c = 0; c < C; ++c) vc[c] = load16(vj + c * 16);
     for (int g = 0; g < G; ++g) {

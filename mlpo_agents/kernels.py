@@ -9,14 +9,17 @@ outputs match the op-by-op path's within summation order; `tests/test_kernels.py
 
 Compiled with the machine's C++ compiler by `torch.utils.cpp_extension` (ninja, a dependency) the first time an
 engine needs them (~1 min), then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
-`~/.cache/torch_extensions`). Without a compiler, or with `MLPO_ENGINE_KERNELS=0`, `load()` returns None and the
+`~/.cache/torch_extensions`, one build per CPU type: they are compiled for the machine's own instruction set,
+AVX-512 paths included where it has them). Without a compiler, or with `MLPO_ENGINE_KERNELS=0`, `load()` returns None and the
 fast path keeps its torch ops (a warning says why).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 from typing import Any
@@ -42,13 +45,23 @@ def load() -> Any | None:
     return _state["module"]
 
 
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction-set flags: the kernels are built with `-march=native`, so a build
+    cached by another machine sharing the home directory is never loaded on one that lacks its instructions."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _build() -> Any | None:
     try:
         from torch.utils.cpp_extension import load as compile_extension
 
         log.info("loading the fast-decode kernels (compiled once per machine into torch's extension cache)")
         return compile_extension(
-            name="mlpo_kernels",
+            name=f"mlpo_kernels_{_cpu_tag()}",
             sources=[str(SOURCE)],
             # reassociation lets the dot products' sums vectorise; NaN and inf keep their IEEE meaning
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",

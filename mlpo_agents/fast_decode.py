@@ -16,9 +16,9 @@ prompts: causal attention over each row's real tokens, `prefill_mask`), 1.1-1.45
 Where the compiled kernels build (`kernels.py`, `FastDecoder.kernels`), a layer's small ops are four fused calls
 (`_fused_step`): RMSNorm with the residual add before it, the rotary embedding writing keys and values straight
 into the cache's buffer, SiLU-gate times up, and a decode step's attention over each row's real columns only (the
-batch's left padding is never read). Measured side by side (`benchmarks/bench_decode_step.py`, SmolLM2 bf16,
-no padding) 17.1-17.8 / 26.1-27.5 / 36.9-39.0 ms a step at 1 / 16 / 32 rows against 20.8-22.2 / 32.1-33.2 /
-44.3-47.2 with torch ops; where rows are padded the attention saving grows with the padding.
+batch's left padding is never read). `benchmarks/bench_decode_step.py` (SmolLM2 bf16, greedy, no padding), with
+and without them (`MLPO_ENGINE_KERNELS=0`, which also turns off the compiled sampler): 18.2 / 27.4 / 31.8 ms a step
+at 1 / 16 / 32 rows against 27.5 / 34.8 / 46.7; where rows are padded the attention saving grows with the padding.
 
 Rows decoding under a LoRA adapter take the adapter's low-rank updates here too (`lora_for`, fused per linear
 by `fuse_lora`): per adapter, `scale * B(A x)` is added to the rows that use it. DoRA and other peft variants, adapters on some layers

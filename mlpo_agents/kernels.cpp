@@ -167,6 +167,10 @@ void rotary_split(const at::Tensor& qkv_, const at::Tensor& cos_, const at::Tens
   auto cos = cos_.to(qkv.scalar_type()).contiguous(), sin = sin_.to(qkv.scalar_type()).contiguous();
   int64_t B = qkv.size(0), T = qkv.size(1), D = q.size(3), half = D / 2;
   TORCH_CHECK(qkv.size(2) == (heads + 2 * kv) * D, "qkv width must be (heads + 2 kv) * head_dim");
+  TORCH_CHECK(cos.numel() == B * T * D && sin.numel() == B * T * D, "cos and sin must be (B, T, head_dim)");
+  TORCH_CHECK(q.size(0) == B && q.size(1) == heads && q.size(2) == T && k.size(0) == B && k.size(1) == kv &&
+                  k.size(2) == T && v.size(0) == B && v.size(1) == kv && v.size(2) == T,
+              "q must be (B, heads, T, head_dim), k and v (B, kv, T, head_dim)");
   TORCH_CHECK(q.scalar_type() == qkv.scalar_type() && k.scalar_type() == qkv.scalar_type() &&
                   v.scalar_type() == qkv.scalar_type(), "q, k, v must have qkv's dtype");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "outputs' last dimension must be dense");

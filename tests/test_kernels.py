@@ -72,6 +72,8 @@ def test_rotary_split_writes_q_and_the_cache_columns_as_torch_rotates(ops, dtype
     _close(q, rotated[:, :heads])
     _close(key_buffer[:rows, :, 4:6], rotated[:, heads:])
     assert torch.equal(value_buffer[:rows, :, 4:6], t[:, heads + kv :])
+    with pytest.raises(RuntimeError, match="cos and sin"):  # one angle per row and token, never broadcast
+        ops.rotary_split(qkv, cos[:1], sin[:1], heads, kv, q, key_buffer[:rows, :, 4:6], value_buffer[:rows, :, 4:6])
     for buffer in (key_buffer, value_buffer):  # nothing outside the given columns and rows is written
         assert not buffer[:, :, :4].any() and not buffer[:, :, 6:].any() and not buffer[rows:].any()
 

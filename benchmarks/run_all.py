@@ -101,7 +101,7 @@ def vllm_rows(model: str) -> list[dict]:
 
 
 def sampler_rows(model: str) -> list[dict]:
-    args = ["--spec", model, "--dtype", "bfloat16", "--requests", "16", "--max-tokens", "64", "--rounds", "2"]
+    args = ["--spec", model, "--dtype", "bfloat16", "--requests", "16", "--max-tokens", "128", "--rounds", "5"]
     got, before, after, _ = run("bench_sampler.py", *args)
     assert isinstance(got, dict)
     name, ours, command = f"sampler {model} bf16, top-p {got['top_p']}, 16 requests", got["ours_tok_s"], "bench_sampler.py " + " ".join(args)

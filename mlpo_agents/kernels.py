@@ -1,17 +1,18 @@
-"""Fused CPU kernels for the fast decode path, compiled from `kernels.cpp` on first use.
+"""Fused CPU kernels for the in-process engine, compiled from `kernels.cpp` on first use.
 
 A decode step of a small model is hundreds of tiny ops a layer pays dispatch and thread wake-ups for, and an
-attention that reads every padding column of a left-padded batch. `kernels.cpp` has five kernels that
-`fast_decode.FastDecoder` calls instead: RMSNorm, the residual add fused with the next RMSNorm, SiLU-gate times
-up, the rotary embedding fused with the q/k/v split (keys and values written straight into the KV cache's
-buffer), and decode attention over each row's real columns only. They round where torch rounds, so bf16
-outputs match the op-by-op path's within summation order; `tests/test_kernels.py` pins each against torch.
+attention that reads every padding column of a left-padded batch. `kernels.cpp` has what `fast_decode.FastDecoder`
+calls instead: RMSNorm, the residual add fused with the next RMSNorm, SiLU-gate times up, the rotary embedding
+fused with the q/k/v split (keys and values written straight into the KV cache's buffer), and decode attention
+over each row's real columns only; and, for every engine, the sampler (`sampling.sample_tokens`) and the KV
+cache's row moves (`kv_cache.keep_cache_rows`). They round where torch rounds, so bf16 outputs match the
+op-by-op path's within summation order; `tests/test_kernels.py` pins each against torch.
 
 Compiled with the machine's C++ compiler by `torch.utils.cpp_extension` (ninja, a dependency) the first time an
-engine needs them (~1 min), then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+engine needs them (~30 s), then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
 `~/.cache/torch_extensions`, one build per CPU type: they are compiled for the machine's own instruction set,
-AVX-512 paths included where it has them). Without a compiler, or with `MLPO_ENGINE_KERNELS=0`, `load()` returns None and the
-fast path keeps its torch ops (a warning says why).
+AVX-512 paths included where it has them). Without a compiler, or with `MLPO_ENGINE_KERNELS=0`, `load()` returns
+None and the callers keep their torch ops (a warning says why).
 """
 
 from __future__ import annotations

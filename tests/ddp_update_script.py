@@ -1,6 +1,7 @@
 """Run by tests/test_mlpo.py under `accelerate launch --num_processes 2 --cpu`: two policy_update steps
 on the tiny model with DDP; each rank writes its LoRA weights to <out>/rank<r>.pt."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -67,8 +68,14 @@ def main(out: Path, distributed: bool) -> None:
     rank = accelerator.process_index if accelerator else "single"
     unwrapped = accelerator.unwrap_model(model) if accelerator else model
     torch.save(lora_weights(unwrapped), out / f"rank{rank}.pt")
-    if accelerator:  # destroy the process group before teardown: left to exit, gloo's threads can abort the process
-        accelerator.end_training()
+    if accelerator:
+        # Both ranks' weights on disk, then leave without tearing gloo down: left to the interpreter's exit its
+        # threads have aborted the process, and destroy_process_group (accelerator.end_training) has hung in one
+        # rank after both had written their files (seen once in a CI run: a futex wait, no timeout).
+        accelerator.wait_for_everyone()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ With packed bf16 weights, prefill takes the same function with T tokens a row (a
 prompts: causal attention over each row's real tokens, `prefill_mask`), 1.1-1.45x faster than the modules
 (SmolLM2-135M, 1-8 prompts of 66-300 tokens).
 
-Where the compiled kernels build (`kernels.py`, `FastDecoder.kernels`), a layer's small ops are four fused calls
+Where the compiled kernels build (`kernels.py`, `FastDecoder.kernels`), a layer's small ops are five fused calls
 (`_fused_step`): RMSNorm with the residual add before it, the rotary embedding writing keys and values straight
 into the cache's buffer, SiLU-gate times up, and a decode step's attention over each row's real columns only (the
 batch's left padding is never read). `benchmarks/bench_decode_step.py` (SmolLM2 bf16, greedy, no padding), with
@@ -207,7 +207,7 @@ class FastDecoder:
     def _fused_step(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: Any, lora: Any
     ) -> torch.Tensor:
-        """`step` through the compiled kernels (`kernels.py`): the same arithmetic in four fused calls a layer
+        """`step` through the compiled kernels (`kernels.py`): the same arithmetic in five fused calls a layer
         besides the linears; a decode step's attention reads each row's real columns only."""
         ops: Any = self.kernels
         eps = self.eps

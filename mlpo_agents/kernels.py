@@ -40,6 +40,8 @@ def load() -> Any | None:
     """The compiled kernels module, or None when turned off or when they cannot be built (logged once)."""
     if not enabled():
         return None
+    if "module" in _state:  # the per-step callers (sampler, cache row moves) take no lock once it is decided
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             _state["module"] = _build()

@@ -175,7 +175,7 @@ def _sample_compiled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_tokens` through the compiled kernel (`kernels.cpp`, `sample_rows`): the same draws from the same
     uniforms (one per sampled row from its generator) in two passes over each row instead of a dozen torch ops
-    over the batch (SmolLM2's 16 rows: 3.3 ms a step in torch ops); a top-p row whose candidates hold less than
+    over the batch (SmolLM2's ~16 rows in the team workload: 2.8 -> 0.83 ms a step); a top-p row whose candidates hold less than
     top_p is drawn again from a full sort here."""
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
     top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)

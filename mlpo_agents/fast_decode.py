@@ -4,12 +4,12 @@ A decode step feeds one token per row through every layer. Through transformers'
 ops and a dozen `nn.Module` calls a layer, which on a CPU cost more than the weights they read for a small
 model (SmolLM2-135M bf16, one row: ~30 ms a step, of which reading the weights is ~11 ms). `FastDecoder` runs
 the same arithmetic as plain function calls over the same weights, with q/k/v fused into one matmul and
-gate/up into another (bf16 ones prepacked for oneDNN, see `packed_linear.py`), the rotary embedding applied
+gate/up into another (prepacked for oneDNN, see `packed_linear.py`), the rotary embedding applied
 to q and k together, keys and values written straight into the engine's growing cache. The math is
 transformers' own (same RMSNorm formula and dtype casts, same SDPA call), so its outputs match the module
 path's within floating-point summation order; `tests/test_fast_decode.py` pins that.
 
-With packed bf16 weights, prefill takes the same function with T tokens a row (a wave's left-padded
+With packed weights, prefill takes the same function with T tokens a row (a wave's left-padded
 prompts: causal attention over each row's real tokens, `prefill_mask`), 1.1-1.45x faster than the modules
 (SmolLM2-135M, 1-8 prompts of 66-300 tokens).
 
@@ -37,15 +37,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlpo_agents import kernels
-from mlpo_agents.packed_linear import PackedLinear
+from mlpo_agents.packed_linear import PackedLinear, use_packed
 
 SUPPORTED = ("llama", "qwen2")
 
 
 @dataclass
 class _Linear:
-    """A linear layer as the fast path calls it: one oneDNN-packed weight for its fused modules (bf16), or
-    each module's own weight and bias, outputs concatenated (no copy of the weights)."""
+    """A linear layer as the fast path calls it: one oneDNN-packed weight for its fused modules, or each module's
+    own weight and bias, outputs concatenated (no copy of the weights). An fp32 call of fewer than
+    `FP32_PACKED_MIN_ROWS` rows takes the module weights even where a packed one exists (faster there)."""
 
     parts: list[tuple[torch.Tensor, torch.Tensor | None]]
     packed: Any = None
@@ -53,7 +54,7 @@ class _Linear:
     widths: tuple[int, ...] = ()  # each module's share of the output
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and use_packed(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
         if len(self.parts) == 1:
             return F.linear(x, *self.parts[0])
@@ -103,8 +104,8 @@ class FastDecoder:
     def __init__(self, model: Any, pack: bool) -> None:
         config, inner = model.config, model.model
         self.model = model
-        # Prefill takes this path with packed (bf16) weights only: with fp32 ones the fused linears' outputs
-        # are concatenated, which at prefill shapes was 5-9% slower than the modules (SmolLM2, 66-300 tokens).
+        # Prefill takes this path with packed weights only: without them the fused linears' outputs are
+        # concatenated, which at prefill shapes was 5-9% slower than the modules (SmolLM2 fp32, 66-300 tokens).
         self.prefills = pack
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -134,7 +135,7 @@ class FastDecoder:
     @classmethod
     def build(cls, model: Any, pack: bool) -> FastDecoder | None:
         """A FastDecoder for `model`, or None when it is not a plain Llama-family decoder (or turned off).
-        `pack`: fuse and prepack bf16 weights for oneDNN (the engine packed its linears)."""
+        `pack`: fuse and prepack the weights for oneDNN (the engine packed its linears)."""
         config = model.config
         if os.environ.get("MLPO_ENGINE_FAST_DECODE", "1") == "0":
             return None

@@ -206,8 +206,8 @@ def test_fast_prefill_equals_module_path_with_padding_and_adapters(tmp_path):
     )
     eng = LocalEngine("tiny-test", max_batch_size=8)
     eng.close()  # forwards (and the adapter load) run in this thread
-    assert not eng._lora.fast.prefills  # fp32 prefills through the modules (faster there); bf16 ones here
-    eng._lora.fast.prefills = True  # fp32: the strict comparison of the math
+    assert eng._lora.fast.prefills == bool(eng.packed_linears)  # packed weights (fp32 too): prefill is fast
+    eng._lora.fast.prefills = True  # fp32 unpacked (MLPO_ENGINE_PACK=0) too: the strict comparison of the math
     eng._lora.load("all", str(tmp_path / "all"))
     prompts = [list(range(5, 30)), list(range(40, 49)), [7, 8, 9, 10, 11, 12, 13]]
     calls = [0]

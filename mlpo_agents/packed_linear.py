@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 FP32_PACKED_MIN_ROWS = 4
 """fp32 calls of fewer rows keep the plain (MKL matrix-vector) call, faster there (module docstring)."""
 

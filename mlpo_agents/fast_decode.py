@@ -221,9 +221,7 @@ class FastDecoder:
             qkv = _adapted(layer.qkv, x, lora, i, 0)
             q = qkv.new_empty(rows, heads, tokens, dim)
             layer_cache = cache.layers[i]
-            if hasattr(
-                layer_cache, "reserve"
-            ):  # the engine's growing cache: k and v go straight into its buffer
+            if hasattr(layer_cache, "reserve"):  # the engine's growing cache: k and v go straight into its buffer
                 k, v = layer_cache.reserve(tokens)
                 ops.rotary_split(qkv, cos, sin, heads, kv, q, k, v)
                 keys, values = layer_cache.keys, layer_cache.values
@@ -235,13 +233,7 @@ class FastDecoder:
                 att = ops.decode_attention(q, keys, values, first, self.scaling)
             else:
                 att = F.scaled_dot_product_attention(
-                    q,
-                    keys,
-                    values,
-                    attn_mask=mask,
-                    is_causal=causal,
-                    scale=self.scaling,
-                    enable_gqa=heads != kv,
+                    q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=heads != kv
                 )
                 att = att.transpose(1, 2).reshape(rows, tokens, heads * dim)
             x = ops.add_rms_norm_(h, _adapted(layer.o, att, lora, i, 1), layer.post_norm, eps)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlpo_agents.config import ConfigError, TeamConfig
-from mlpo_agents.trace import Failure, ModelCall, TraceStore, new_id
+from mlpo_agents.trace import EventSink, Failure, ModelCall, new_id
 
 
 class ModelCallError(RuntimeError):
@@ -109,7 +109,7 @@ def parse_choice_tokens(response: Any, choice: Any) -> tuple[list[int], list[int
 class ModelClient:
     """Routes role calls through a litellm Router and records each sample as a ModelCall event."""
 
-    def __init__(self, team: TeamConfig, store: TraceStore | None = None, *, record_messages: bool = True):
+    def __init__(self, team: TeamConfig, store: EventSink | None = None, *, record_messages: bool = True):
         self.team = team
         self.store = store
         self.record_messages = record_messages
@@ -149,10 +149,11 @@ class ModelClient:
         client that built it, once, when done with it and its views."""
         self.router.discard()
 
-    def recording_to(self, store: TraceStore | None) -> ModelClient:
+    def recording_to(self, store: EventSink | None) -> ModelClient:
         """This client recording its calls in `store` (itself when it already does): the runner gives each
-        episode's calls to the store that holds the episode, so a store is never left with calls whose
-        episode is elsewhere. Shares everything else with this client, as `with_team` does."""
+        episode's calls to the store that holds the episode (through the episode's `EpisodeRecorder`), so a
+        store is never left with calls whose episode is elsewhere. Shares everything else with this client,
+        as `with_team` does."""
         if store is self.store:
             return self
         view = copy.copy(self)

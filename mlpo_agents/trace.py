@@ -11,8 +11,9 @@ Import everything from here. The events and their tables are in `trace_schema`, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from mlpo_agents.trace_check import TraceStoreError
 from mlpo_agents.trace_pg import PostgresTraceStore
@@ -35,6 +36,7 @@ __all__ = [
     "Episode",
     "EpisodeStatus",
     "Event",
+    "EventSink",
     "Failure",
     "ModelCall",
     "PostgresTraceStore",
@@ -45,6 +47,12 @@ __all__ = [
     "new_id",
     "open_store",
 ]
+
+
+class EventSink(Protocol):
+    """Where a `ModelClient` records its events: a store, or an episode's `runner.EpisodeRecorder`."""
+
+    def append(self, events: Sequence[Event] | Event) -> None: ...
 
 
 def open_store(url: str | Path) -> TraceStore:

@@ -100,9 +100,7 @@ def test_fast_decode_equals_module_path_bf16_and_keeps_one_packed_copy():
                 len(f.token_ids),
             )
             assert same >= (10 if kernels is None else 5)
-            assert f.logprobs[:same] == pytest.approx(
-                s.logprobs[:same], abs=0.06 if kernels is None else 0.15
-            )
+            assert f.logprobs[:same] == pytest.approx(s.logprobs[:same], abs=0.06 if kernels is None else 0.15)
     finally:
         eng.close()
 
@@ -141,11 +139,8 @@ def test_adapter_with_a_rank_and_a_scale_per_module_equals_the_module_path(tmp_p
     from mlpo_agents import zoo
 
     config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"k_proj": 2, "up_proj": 6},
-        alpha_pattern={"k_proj": 12, "gate_proj": 2},
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"k_proj": 12, "gate_proj": 2},
     )  # v_proj left out: its third of the fused q/k/v update is zero
     save_random_adapter(tmp_path / "mixed", zoo.build_tiny_test()[0], config, seed=5)
     eng = LocalEngine("tiny-test", max_batch_size=8)
@@ -212,9 +207,7 @@ def test_fast_prefill_equals_module_path_with_padding_and_adapters(tmp_path):
     eng = LocalEngine("tiny-test", max_batch_size=8)
     eng.close()  # forwards (and the adapter load) run in this thread
     assert eng._lora.fast.prefills == bool(eng.packed_linears)  # packed weights (fp32 too): prefill is fast
-    eng._lora.fast.prefills = (
-        True  # fp32 unpacked (MLPO_ENGINE_PACK=0) too: the strict comparison of the math
-    )
+    eng._lora.fast.prefills = True  # fp32 unpacked (MLPO_ENGINE_PACK=0) too: the strict comparison of the math
     eng._lora.load("all", str(tmp_path / "all"))
     prompts = [list(range(5, 30)), list(range(40, 49)), [7, 8, 9, 10, 11, 12, 13]]
     calls = [0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 
@@ -82,3 +83,97 @@ def test_an_answer_that_does_not_parse_is_a_scored_zero_not_a_failure(tmp_path):
     summary = asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False))
     assert (summary.failed, summary.episodes, summary.correct) == (0, 1, 0.0)
     assert store.episodes()[0].status == "done"
+
+
+def _store_spy(store: TraceStore) -> list[list]:
+    """The batches `store.append` writes from now on, each as its list of events (copies: an episode row changes)."""
+    batches: list[list] = []
+    append = store.append
+
+    def spy(events):
+        batches.append([copy.copy(e) for e in (events if isinstance(events, list | tuple) else [events])])
+        append(events)
+
+    store.append = spy
+    return batches
+
+
+def test_an_episode_writes_its_calls_with_its_end_in_one_transaction(tmp_path):
+    team = scripted_team({"leader": ScriptedModel("end-leader", "<answer>4</answer>"),
+                          "peer": ScriptedModel("end-peer", "<answer>4</answer>")}, params={"peers": 3})
+    store = TraceStore(tmp_path / "t.sqlite")
+    batches = _store_spy(store)
+    summary = asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False))
+    assert summary.correct == 1.0
+    start, end = batches  # the running episode, then everything else at once
+    assert [type(e).__name__ for e in start] == ["Episode"] and start[0].status == "running"
+    kinds = [type(e).__name__ for e in end]
+    assert kinds.count("ModelCall") == 4 and kinds[-1] == "Episode" and end[-1].status == "done"
+    assert {e.call_id for e in end if type(e).__name__ == "Reward" and e.call_id} <= {c.call_id for c in store.calls()}
+    assert len(store.calls()) == 4
+
+
+def test_a_long_episode_writes_its_calls_as_it_goes(tmp_path, monkeypatch):
+    """An episode running longer than LIVE_FLUSH_S (here 0) shows its calls in the store before it ends, and so
+    does every call of a checkpointed graph (a resumed episode needs the calls made before the interruption)."""
+    import mlpo_agents.runner as runner
+
+    seen_by_leader: list[int] = []
+    store = TraceStore(tmp_path / "t.sqlite")
+
+    def leader(messages):
+        seen_by_leader.append(len(store.calls()))
+        return "<answer>4</answer>"
+
+    team = scripted_team({"leader": ScriptedModel("live-leader", leader),
+                          "peer": ScriptedModel("live-peer", "<answer>4</answer>")}, params={"peers": 2})
+    asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False))
+    assert seen_by_leader == [0]  # held: the peers' calls are written with the episode's end
+    monkeypatch.setattr(runner, "LIVE_FLUSH_S", 0.0)
+    asyncio.run(run_team(team, [Task("t/1", "What is 3+1?", "4", "math", {})], store, task_name="unit",
+                         progress=False))
+    assert seen_by_leader == [0, 5]  # the first episode's 3 calls, then this one's two peers
+    monkeypatch.setattr(runner, "LIVE_FLUSH_S", 60.0)
+    asyncio.run(run_team(team, [Task("t/2", "What is 1+3?", "4", "math", {})], store, task_name="unit",
+                         progress=False, checkpoints=tmp_path / "ckpt.sqlite"))
+    assert seen_by_leader == [0, 5, 8]
+
+
+def test_calls_of_an_episode_that_crashed_or_was_cancelled_stay_recorded(tmp_path):
+    store = TraceStore(tmp_path / "t.sqlite")
+    gate = asyncio.Event()
+
+    def crash(messages):
+        raise KeyError("not a model error")
+
+    class Crash(ModelClient):
+        async def acomplete(self, messages, **kw):
+            if kw["role"] == "leader":
+                raise KeyError("simulated crash")
+            return await super().acomplete(messages, **kw)
+
+    class Hang(ModelClient):
+        async def acomplete(self, messages, **kw):
+            if kw["role"] == "leader":
+                gate.set()
+                await asyncio.sleep(3600)
+            return await super().acomplete(messages, **kw)
+
+    team = scripted_team({"leader": ScriptedModel("crash-leader", crash),
+                          "peer": ScriptedModel("crash-peer", "<answer>4</answer>")}, params={"peers": 2})
+    summary = asyncio.run(run_team(team, [TASK], store, task_name="unit", progress=False, client=Crash(team, store)))
+    assert summary.failed == 1
+    (crashed,) = store.episodes()
+    assert crashed.status == "failed" and len(store.calls(episode_id=crashed.episode_id)) == 2
+
+    async def cancel_mid_episode():
+        run = asyncio.create_task(run_team(team, [Task("t/1", "What is 3+1?", "4", "math", {})], store,
+                                           task_name="unit", progress=False, client=Hang(team, store)))
+        await gate.wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(cancel_mid_episode())
+    cancelled = next(e for e in store.episodes() if e.episode_id != crashed.episode_id)
+    assert cancelled.status == "interrupted" and len(store.calls(episode_id=cancelled.episode_id)) == 2

@@ -1,5 +1,6 @@
-"""Prepacked bf16 linears (`packed_linear.py`): decode steps through oneDNN's packed weights, everything else
-as `nn.Linear`; the engine packs modules of its own and leaves the shared zoo model untouched.
+"""Prepacked linears (`packed_linear.py`): decode steps through oneDNN's packed weights, everything else
+as `nn.Linear`; the engine packs modules of its own and leaves the shared zoo model untouched. fp32 steps of
+fewer than `FP32_PACKED_MIN_ROWS` rows keep the plain call (faster there).
 
 Tolerance: oneDNN's packed kernel and the plain bf16 call round alike at the shapes measured here (equal
 outputs), but nothing promises that on every CPU, so single-token outputs are compared within one bf16
@@ -14,24 +15,40 @@ from torch import nn
 
 from mlpo_agents import zoo
 from mlpo_agents.engine import LocalEngine
-from mlpo_agents.packed_linear import PackedLinear, can_pack, pack_linears, private_copy
+from mlpo_agents.packed_linear import FP32_PACKED_MIN_ROWS, PackedLinear, can_pack, pack_linears, private_copy
 from mlpo_agents.testing import save_tiny_adapter
 from tests.test_engine import PROMPTS
 
-pytestmark = pytest.mark.skipif(
+needs_bf16 = pytest.mark.skipif(
     not can_pack(torch.bfloat16, torch.device("cpu")), reason="this CPU's oneDNN has no bf16 kernels"
 )
+needs_fp32 = pytest.mark.skipif(not can_pack(torch.float32, torch.device("cpu")), reason="torch without oneDNN")
 BF16_RTOL = 2**-7
 
 
-def _layer(bias: bool) -> tuple[nn.Linear, nn.Linear]:
+def _layer(bias: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Linear, nn.Linear]:
     torch.manual_seed(0)
-    plain = nn.Linear(64, 96, bias=bias).to(torch.bfloat16)
+    plain = nn.Linear(64, 96, bias=bias).to(dtype)
     packed = private_copy(nn.Sequential(plain))[0]
     assert pack_linears(packed) == 1 and isinstance(packed, PackedLinear)
     return plain, packed
 
 
+@needs_fp32
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_steps_of_enough_rows_use_the_packed_weight_and_fewer_the_plain_call(bias):
+    plain, packed = _layer(bias, torch.float32)
+    many = torch.randn(FP32_PACKED_MIN_ROWS, 1, 64)
+    few = many[: FP32_PACKED_MIN_ROWS - 1]
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(many), plain(many), rtol=1e-5, atol=1e-5)  # summation order only
+        assert torch.equal(packed(few), plain(few))
+        packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(packed.weight), 16)
+        assert not torch.equal(packed(many), plain(many))  # the packed weight is really read
+        assert torch.equal(packed(few), plain(few))  # and never for fewer rows
+
+
+@needs_bf16
 @pytest.mark.parametrize("bias", [False, True])
 def test_single_token_uses_packed_weight_and_matches(bias):
     plain, packed = _layer(bias)
@@ -45,6 +62,7 @@ def test_single_token_uses_packed_weight_and_matches(bias):
         assert not torch.equal(packed(x), want)  # the single-token call really reads the packed weight
 
 
+@needs_bf16
 def test_prefill_and_gradients_take_the_plain_path():
     plain, packed = _layer(True)
     packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(packed.weight), 16)
@@ -55,6 +73,7 @@ def test_prefill_and_gradients_take_the_plain_path():
     assert torch.equal(packed(token), plain(token))  # grad enabled: plain
 
 
+@needs_bf16
 def test_engine_packs_its_own_modules_and_adapters_still_load(tmp_path):
     eng = LocalEngine("tiny-test", dtype="bfloat16", max_batch_size=8)
     try:

@@ -164,7 +164,7 @@ async def run_episode(
     episode = Episode(episode_id or new_id(), task_name, task.id, team.name, team.topology,
                       meta={"params": team.params, "task_sha": task_fingerprint(task)})
     store.append(episode)
-    recorder = EpisodeRecorder(store, hold=graph.checkpointer is None)
+    recorder = EpisodeRecorder(store, hold=getattr(graph, "checkpointer", None) is None)
     client = client.recording_to(recorder)  # the episode's calls go where the episode is, with its end
     free = task.kind == FREE_FORM
     scorer = rubric_for(task, rubric).scorer(task)

@@ -98,7 +98,10 @@ def _store_spy(store: TraceStore) -> list[list]:
     return batches
 
 
-def test_an_episode_writes_its_calls_with_its_end_in_one_transaction(tmp_path):
+def test_an_episode_writes_its_calls_with_its_end_in_one_transaction(tmp_path, monkeypatch):
+    import mlpo_agents.runner as runner
+
+    monkeypatch.setattr(runner, "LIVE_FLUSH_S", 60.0)  # a slow first call (cold imports) must not split the batch
     team = scripted_team({"leader": ScriptedModel("end-leader", "<answer>4</answer>"),
                           "peer": ScriptedModel("end-peer", "<answer>4</answer>")}, params={"peers": 3})
     store = TraceStore(tmp_path / "t.sqlite")
@@ -118,6 +121,7 @@ def test_a_long_episode_writes_its_calls_as_it_goes(tmp_path, monkeypatch):
     does every call of a checkpointed graph (a resumed episode needs the calls made before the interruption)."""
     import mlpo_agents.runner as runner
 
+    monkeypatch.setattr(runner, "LIVE_FLUSH_S", 60.0)  # a slow first call (cold imports) must not write early
     seen_by_leader: list[int] = []
     store = TraceStore(tmp_path / "t.sqlite")
 
@@ -133,7 +137,7 @@ def test_a_long_episode_writes_its_calls_as_it_goes(tmp_path, monkeypatch):
     asyncio.run(run_team(team, [Task("t/1", "What is 3+1?", "4", "math", {})], store, task_name="unit",
                          progress=False))
     assert seen_by_leader == [0, 5]  # the first episode's 3 calls, then this one's two peers
-    monkeypatch.setattr(runner, "LIVE_FLUSH_S", 60.0)
+    monkeypatch.setattr(runner, "LIVE_FLUSH_S", 60.0)  # a checkpointed graph writes every call all the same
     asyncio.run(run_team(team, [Task("t/2", "What is 1+3?", "4", "math", {})], store, task_name="unit",
                          progress=False, checkpoints=tmp_path / "ckpt.sqlite"))
     assert seen_by_leader == [0, 5, 8]

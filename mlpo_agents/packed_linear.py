@@ -11,10 +11,11 @@ bf16, measured on 2 cores with AMX: a whole decode step 1.18x faster (SmolLM2-13
 left alone: there the plain call was as fast or faster (0.65x-1.45x).
 
 fp32 (`FP32_PACKED_MIN_ROWS`): from 4 rows on, MKL's plain fp32 call takes twice the time of 3 rows while the packed
-one barely moves: at Qwen2.5-0.5B's shapes the packed call is 1.5-2.6x faster for 4-32 rows (its 151936-wide
+one barely moves: at Qwen2.5-0.5B's shapes the packed call is 1.3-2.6x faster for 4-32 rows (its 151936-wide
 lm_head at 4 rows: 59.1 -> 22.7 ms) and 1.01-1.14x at prefill shapes (128-512 rows); for 1-3 rows MKL's
-matrix-vector path is 6-40% faster, so those keep the plain call. Outputs differ from the plain call by
-summation order only (within 1e-4 of a float64 product where the plain call is within 5e-5, K = 896-4864).
+matrix-vector path takes 6-45% less time, so those keep the plain call. Outputs differ from the plain call by
+summation order only (largest error against a float64 product, unit-variance inputs, K = 896-4864:
+3e-4 packed, 1.5e-4 plain).
 
 The packed weight is a copy (one more copy of the linear weights in memory: 2 GB for Qwen2.5-0.5B in fp32,
 0.5 GB for SmolLM2-135M), taken from weights that must not change afterwards: the engine packs its own model,
